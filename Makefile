@@ -1,0 +1,36 @@
+# One command per job; each (re)creates the virtual environment idempotently.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU machines get the CPU torch build and never torchvision (it breaks imports there).
+TORCH_SPEC ?= torch==2.13.0
+SAM2_SPEC ?= sam2==1.1.0
+
+.PHONY: install train test test-all lint sweep-loss sweep-freeze report wandb-sync bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e '.[dev]'
+	# sam2 metadata requires torchvision (used only by modules we never import), and its
+	# isolated build would pull a CUDA torch: install it against the torch above.
+	$(PY) -m pip install -q setuptools wheel
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-deps --no-build-isolation "$(SAM2_SPEC)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m sa2va.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "" $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check sa2va tests scripts
+	$(PY) -m ruff format --check sa2va tests scripts
