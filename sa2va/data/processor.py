@@ -1,0 +1,140 @@
+"""Frames + prompts -> model inputs: InternVL tiles, SAM2 view, chat tokens with labels.
+
+One processor belongs to one model (its tokenizer, tile size and SAM2 resolution); the data
+module calls it in its workers so batches arrive ready for the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from sa2va.model.mllm import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+)
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+USER_TURN = "<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+ASSISTANT_TURN = "{text}<|im_end|>\n"
+SYSTEM_TURN = "<|im_start|>system\n{text}<|im_end|>\n"
+
+
+def key_frame_indices(num_frames: int, max_frames: int) -> list[int]:
+    """Evenly spaced frames shown to the MLLM (the official model shows 5 per clip)."""
+    if num_frames <= max_frames:
+        return list(range(num_frames))
+    return np.linspace(0, num_frames - 1, max_frames).round().astype(int).tolist()
+
+
+class Sa2VAProcessor:
+    """Turns a clip and its per-object prompts into tensors for `Sa2VA`."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: Any,
+        image_seq_length: int,
+        sam2_image_size: int,
+        mask_size: int | None = None,
+        mllm_frames: int = 5,
+        system_prompt: str | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_seq_length = image_seq_length
+        self.sam2_image_size = sam2_image_size
+        self.mask_size = mask_size or sam2_image_size
+        self.mllm_frames = mllm_frames
+        self.system_prompt = system_prompt
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def sam2_view(self, frame: Image.Image) -> Tensor:
+        """Resize + ImageNet-normalise for SAM2 (its own transforms need torchvision)."""
+        size = self.sam2_image_size
+        resized = frame.convert("RGB").resize((size, size), Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
+        return (pixels.permute(2, 0, 1) - self._mean) / self._std
+
+    def image_text(self, tiles_per_frame: Sequence[int]) -> str:
+        context = IMG_CONTEXT_TOKEN * self.image_seq_length
+        blocks = [f"{IMG_START_TOKEN}{context * n}{IMG_END_TOKEN}" for n in tiles_per_frame]
+        if len(blocks) > 1:
+            blocks = [f"Frame{i + 1}: {b}" for i, b in enumerate(blocks)]
+        return "\n".join(blocks)
+
+    def __call__(
+        self,
+        frames: Sequence[Image.Image],
+        prompts: Sequence[str],
+        answers: Sequence[str] | None,
+    ) -> dict[str, Tensor]:
+        """Encode one sample; `answers=None` leaves the last assistant turn open (generation)."""
+        keys = key_frame_indices(len(frames), self.mllm_frames)
+        vision = self.image_processor(
+            images=[frames[k].convert("RGB") for k in keys], return_tensors="pt"
+        )
+        image_text = self.image_text(vision["num_patches"].tolist())
+        ids: list[int] = []
+        labels: list[int] = []
+
+        def add(text: str, supervised: bool) -> None:
+            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids.extend(piece)
+            labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
+
+        if self.system_prompt:
+            add(SYSTEM_TURN.format(text=self.system_prompt), False)
+        for turn, prompt in enumerate(prompts):
+            if turn == 0:
+                prompt = (
+                    prompt.replace(IMAGE_PLACEHOLDER, image_text, 1)
+                    if IMAGE_PLACEHOLDER in prompt
+                    else f"{image_text}\n{prompt}"
+                )
+            add(USER_TURN.format(text=prompt.replace(IMAGE_PLACEHOLDER, "")), False)
+            if answers is not None:
+                add(ASSISTANT_TURN.format(text=answers[turn]), True)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": vision["pixel_values"],
+            "g_pixel_values": torch.stack([self.sam2_view(f) for f in frames]),
+        }
+
+    def collate(self, samples: list[dict[str, Any]], padding_side: str = "right") -> dict:
+        """Pad token sequences; concatenate tiles; keep per-sample tensors as lists."""
+        length = max(len(s["input_ids"]) for s in samples)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            span = slice(0, n) if padding_side == "right" else slice(length - n, length)
+            input_ids[row, span] = sample["input_ids"]
+            labels[row, span] = sample["labels"]
+            attention_mask[row, span] = 1
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+            "g_pixel_values": [s["g_pixel_values"] for s in samples],
+        }
+        tensor_keys = {"input_ids", "labels", "pixel_values", "g_pixel_values"}
+        for key in samples[0]:
+            if key not in tensor_keys:
+                batch[key] = [s[key] for s in samples]
+        return batch

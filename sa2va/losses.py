@@ -1,0 +1,127 @@
+"""Weighted segmentation + language losses: `L = w_mask*BCE + w_dice*Dice + w_lang*CE (+ extras)`.
+
+Every term is returned separately for logging; only terms with a non-zero weight enter
+the total, so a weight of 0 in an ablation really removes that term's gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
+    """Naive Dice per mask, averaged over masks (mmdet `DiceLoss(naive_dice=True)`)."""
+    prob = logits.sigmoid().flatten(1)
+    target = target.flatten(1).to(prob.dtype)
+    inter = (prob * target).sum(1)
+    dice = (2 * inter + eps) / (prob.sum(1) + target.sum(1) + eps)
+    return (1 - dice).mean()
+
+
+def point_sample(masks: Tensor, coords: Tensor) -> Tensor:
+    """Values of (N, H, W) maps at (N, P, 2) normalised [0, 1] xy points -> (N, P)."""
+    grid = 2.0 * coords.unsqueeze(2) - 1.0
+    return F.grid_sample(masks.unsqueeze(1), grid, align_corners=False)[:, 0, :, 0]
+
+
+def uncertain_point_coords(
+    logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float
+) -> Tensor:
+    """Mask2Former point selection: most uncertain (|logit| small) points plus random ones.
+
+    Written here because the reference versions live in detectron2/mmdet, which would
+    pull in heavy dependencies (and torchvision) for twenty lines of code.
+    """
+    n = logits.shape[0]
+    num_sampled = int(num_points * oversample_ratio)
+    coords = torch.rand(n, num_sampled, 2, device=logits.device)
+    uncertainty = -point_sample(logits.detach(), coords).abs()
+    num_uncertain = int(importance_ratio * num_points)
+    top = uncertainty.topk(num_uncertain, dim=1).indices
+    picked = torch.gather(coords, 1, top.unsqueeze(-1).expand(-1, -1, 2))
+    random = torch.rand(n, num_points - num_uncertain, 2, device=logits.device)
+    return torch.cat([picked, random], dim=1)
+
+
+class Sa2VALoss(nn.Module):
+    """Loss of the joint model; weights come from `conf/loss/*.yaml`."""
+
+    def __init__(
+        self,
+        w_mask: float = 1.0,
+        w_dice: float = 1.0,
+        w_lang: float = 0.5,
+        w_focal: float = 0.0,
+        w_cldice: float = 0.0,
+        dice_eps: float = 1.0,
+        focal_gamma: float = 2.0,
+        focal_alpha: float | None = 0.25,
+        cldice_iters: int = 3,
+        num_points: int | None = None,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        name: str = "custom",
+    ) -> None:
+        super().__init__()
+        self.weights = {
+            "bce": w_mask,
+            "dice": w_dice,
+            "lang": w_lang,
+            "focal": w_focal,
+            "cldice": w_cldice,
+        }
+        self.dice_eps = dice_eps
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.focal = None
+        if w_focal:
+            from monai.losses import FocalLoss
+
+            self.focal = FocalLoss(use_softmax=False, gamma=focal_gamma, alpha=focal_alpha)
+        self.cldice = None
+        if w_cldice:
+            from monai.losses import SoftclDiceLoss
+
+            self.cldice = SoftclDiceLoss(iter_=cldice_iters, smooth=1.0)
+
+    def mask_terms(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Per-term mask losses on (N, H, W) logits and binary targets."""
+        target = target.to(logits.dtype)
+        terms: dict[str, Tensor] = {}
+        if self.cldice is not None:  # needs the full 2D mask, never points
+            # MONAI skips channel 0 (background): pass [background, vessel] channels.
+            prob, onehot = logits.sigmoid().unsqueeze(1), target.unsqueeze(1)
+            terms["cldice"] = self.cldice(
+                torch.cat([1 - onehot, onehot], 1), torch.cat([1 - prob, prob], 1)
+            )
+        if self.num_points:
+            coords = uncertain_point_coords(
+                logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+            )
+            logits, target = point_sample(logits, coords), point_sample(target, coords)
+        terms["bce"] = F.binary_cross_entropy_with_logits(logits, target)
+        terms["dice"] = dice_loss(logits, target, self.dice_eps)
+        if self.focal is not None:
+            terms["focal"] = self.focal(logits.unsqueeze(1), target.unsqueeze(1))
+        return terms
+
+    def forward(
+        self, pred_masks: list[Tensor], gt_masks: list[Tensor], lm_loss: Tensor | None
+    ) -> dict[str, Tensor]:
+        """`pred_masks`/`gt_masks`: per sample (T, M, H, W). Returns each term and `loss`."""
+        logits = torch.cat([p.flatten(0, 1) for p in pred_masks])
+        target = torch.cat([g.flatten(0, 1) for g in gt_masks]).to(logits.device)
+        if logits.shape != target.shape:
+            raise ValueError(
+                f"predicted masks {tuple(logits.shape)} do not match ground truth "
+                f"{tuple(target.shape)}: the answer must hold one [SEG] per object"
+            )
+        terms = self.mask_terms(logits, target) if logits.numel() else {}
+        if lm_loss is not None:
+            terms["lang"] = lm_loss
+        total = sum(self.weights[k] * v for k, v in terms.items() if self.weights[k])
+        terms["loss"] = total if isinstance(total, Tensor) else logits.sum() * 0
+        return terms

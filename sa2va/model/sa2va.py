@@ -1,0 +1,228 @@
+"""The joint model: InternVL -> hidden state at [SEG] -> projector -> SAM2 prompt -> mask.
+
+Training uses teacher forcing (the answer, e.g. "Sure, [SEG].", is in `input_ids` and
+`labels`), so gradients reach the LLM, the projector and SAM2. Predicting through
+`generate` would give none (seed 004).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from sa2va.data.processor import Sa2VAProcessor
+from sa2va.model.mllm import SEG_TOKEN, build_mllm
+from sa2va.model.sam2 import build_sam2, decode_masks, encode_images, upsample
+from sa2va.utils import to_plain
+
+DEFAULT_ANSWER = "Sure, [SEG]."
+
+
+def build_projector(in_dim: int, out_dim: int, hidden_dim: int | None = None, dropout: float = 0.0):
+    """`text_hidden_fcs` of the official model: Linear(D,D)-ReLU-Linear(D,out)-Dropout."""
+    hidden_dim = hidden_dim or in_dim
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+        nn.Dropout(dropout),
+    )
+
+
+@dataclass
+class Sa2VAOutput:
+    lm_loss: Tensor | None
+    pred_masks: list[Tensor]  # per sample: (T, M, H, W) mask logits
+    seg_counts: list[int]  # [SEG] tokens found per sample
+
+
+class Sa2VA(nn.Module):
+    """InternVL + SAM2 joined by the `[SEG]` token; built from plain config mappings.
+
+    `config` is kept verbatim so an export can rebuild the same architecture without any
+    pretrained file (`load_pretrained=False`), then load only the trained weights.
+    """
+
+    def __init__(
+        self,
+        mllm: Mapping[str, Any],
+        sam2: Mapping[str, Any],
+        projector: Mapping[str, Any] | None = None,
+        sam2_ckpt: str | None = None,
+        mask_size: int | None = None,
+        mllm_frames: int = 5,
+        system_prompt: str | None = None,
+        gradient_checkpointing: bool = False,
+        load_pretrained: bool = True,
+        name: str = "sa2va",
+    ) -> None:
+        super().__init__()
+        mllm, sam2, projector = to_plain(mllm), to_plain(sam2), to_plain(projector)
+        self.config = copy.deepcopy(
+            {
+                "mllm": dict(mllm),
+                "sam2": dict(sam2),
+                "projector": dict(projector or {}),
+                "sam2_ckpt": sam2_ckpt,
+                "mask_size": mask_size,
+                "mllm_frames": mllm_frames,
+                "system_prompt": system_prompt,
+                "gradient_checkpointing": gradient_checkpointing,
+                "name": name,
+            }
+        )
+        parts = build_mllm(**mllm, load_weights=load_pretrained)
+        self.mllm = parts.model
+        self.tokenizer = parts.tokenizer
+        self.sam2 = build_sam2(sam2)
+        if sam2_ckpt and load_pretrained:
+            from sa2va.model.checkpoints import load_sam2_checkpoint
+
+            load_sam2_checkpoint(self.sam2, sam2_ckpt)
+        text_dim = self.mllm.config.text_config.hidden_size
+        self.text_hidden_fcs = build_projector(
+            text_dim, self.sam2.sam_prompt_encoder.embed_dim, **(projector or {})
+        )
+        self.seg_token_id = self.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        self.processor = Sa2VAProcessor(
+            tokenizer=self.tokenizer,
+            image_processor=parts.image_processor,
+            image_seq_length=parts.image_seq_length,
+            sam2_image_size=self.sam2.image_size,
+            mask_size=mask_size,
+            mllm_frames=mllm_frames,
+            system_prompt=system_prompt,
+        )
+        if gradient_checkpointing:
+            self.mllm.gradient_checkpointing_enable({"use_reentrant": False})
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.mllm.model.language_model
+
+    def add_lora(self, lora_config: Any) -> None:
+        """Wrap the LLM (not the vision tower) with a peft LoRA adapter."""
+        from peft import get_peft_model
+
+        self.mllm.model.language_model = get_peft_model(self.language_model, lora_config)
+
+    def merge_lora(self) -> None:
+        """Fold LoRA weights into the LLM (for a plain HF export)."""
+        from peft import PeftModel
+
+        if isinstance(self.language_model, PeftModel):
+            self.mllm.model.language_model = self.language_model.merge_and_unload()
+
+    # ---- forward pieces -------------------------------------------------------------
+    def _mllm_hidden(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor]:
+        out = self.mllm(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"].to(self.mllm.dtype),
+            labels=batch.get("labels"),
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        return out.loss, out.hidden_states[-1]
+
+    def _seg_embeddings(self, hidden: Tensor, input_ids: Tensor) -> tuple[Tensor, list[int]]:
+        """Project last-layer states at every [SEG] position, in reading order."""
+        seg_mask = input_ids == self.seg_token_id
+        embeddings = self.text_hidden_fcs(hidden[seg_mask])
+        return embeddings, seg_mask.sum(1).tolist()
+
+    def decode(
+        self, frames: Sequence[Tensor], embeddings: Tensor, counts: Sequence[int]
+    ) -> list[Tensor]:
+        """Masks for each sample: every [SEG] embedding of a sample prompts all its frames."""
+        lengths = [f.shape[0] for f in frames]
+        images = torch.cat(list(frames)).to(self.text_hidden_fcs[0].weight.dtype)
+        if not sum(counts):  # no [SEG] generated: no masks, and nothing to decode
+            size = self.processor.mask_size
+            return [images.new_zeros(t_len, 0, size, size) for t_len in lengths]
+        features = encode_images(self.sam2, images)
+        image_index, prompt_index = [], []
+        frame_offset, prompt_offset = 0, 0
+        for t_len, m in zip(lengths, counts, strict=True):
+            grid_t, grid_m = torch.meshgrid(torch.arange(t_len), torch.arange(m), indexing="ij")
+            image_index.append(frame_offset + grid_t.flatten())
+            prompt_index.append(prompt_offset + grid_m.flatten())
+            frame_offset, prompt_offset = frame_offset + t_len, prompt_offset + m
+        device = images.device
+        image_index = torch.cat(image_index).to(device)
+        prompt_index = torch.cat(prompt_index).to(device)
+        logits = decode_masks(
+            self.sam2, features.index_select(image_index), embeddings[prompt_index]
+        )
+        logits = upsample(logits, self.processor.mask_size)
+        sizes = [t_len * m for t_len, m in zip(lengths, counts, strict=True)]
+        return [
+            chunk.view(t_len, m, *chunk.shape[-2:])
+            for chunk, t_len, m in zip(logits.split(sizes), lengths, counts, strict=True)
+        ]
+
+    def forward(self, batch: Mapping[str, Any]) -> Sa2VAOutput:
+        lm_loss, hidden = self._mllm_hidden(batch)
+        embeddings, counts = self._seg_embeddings(hidden, batch["input_ids"])
+        masks = self.decode(batch["g_pixel_values"], embeddings, counts)
+        return Sa2VAOutput(lm_loss=lm_loss, pred_masks=masks, seg_counts=counts)
+
+    # ---- inference --------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_forward(
+        self,
+        frames: Sequence[Image.Image],
+        prompts: Sequence[str],
+        mode: str = "fast",
+        answer: str = DEFAULT_ANSWER,
+        max_new_tokens: int = 32,
+    ) -> dict[str, Any]:
+        """Answer text and mask logits (T, M, H, W) for one clip.
+
+        `fast` appends the fixed `answer` and runs one forward pass; `generate` decodes
+        the answer autoregressively (as the official model does), then reads the [SEG]
+        states from one forward pass over the generated sequence — so both modes give
+        identical masks whenever the generated answer equals `answer`.
+        """
+        if mode not in ("fast", "generate"):
+            raise ValueError(f"predict mode must be 'fast' or 'generate', got {mode!r}")
+        device = self.text_hidden_fcs[0].weight.device
+        if mode == "fast":
+            sample = self.processor(frames, prompts, [answer] * len(prompts))
+            texts = [answer] * len(prompts)
+        else:
+            sample, texts = self._generate_answers(frames, prompts, max_new_tokens, device)
+        batch = self.processor.collate([sample])
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        batch["g_pixel_values"] = [g.to(device) for g in batch["g_pixel_values"]]
+        batch.pop("labels")
+        out = self(batch)
+        return {"text": texts, "masks": out.pred_masks[0], "seg_count": out.seg_counts[0]}
+
+    def _generate_answers(
+        self, frames: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int, device
+    ) -> tuple[dict[str, Tensor], list[str]]:
+        """Generate each turn's answer in order, feeding earlier answers back as history."""
+        answers: list[str] = []
+        for turn in range(len(prompts)):
+            sample = self.processor(frames, prompts[: turn + 1], answers + [""])
+            # Drop the empty last answer's end-of-turn tokens: generation starts here.
+            tail = len(self.tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"])
+            input_ids = sample["input_ids"][:-tail].unsqueeze(0).to(device)
+            generated = self.mllm.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                pixel_values=sample["pixel_values"].to(device, self.mllm.dtype),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+            )
+            new_tokens = generated[0, input_ids.shape[1] :]
+            answers.append(self.tokenizer.decode(new_tokens, skip_special_tokens=False))
+            answers[-1] = answers[-1].split("<|im_end|>")[0]
+        return self.processor(frames, prompts, answers), answers

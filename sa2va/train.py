@@ -1,0 +1,101 @@
+"""Training entry point: `python -m sa2va.train [overrides]` (Hydra app) or `train(cfg)`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sa2va.utils import CONF_DIR, atomic_write_json, git_sha, to_float_dict
+
+log = logging.getLogger(__name__)
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of this job ([] when called outside a Hydra app)."""
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """Model, losses, freezing, optimiser -> module; a data module using the model's processor."""
+    model = instantiate(cfg.model)
+    module = instantiate(
+        cfg.module,
+        model=model,
+        loss=instantiate(cfg.loss),
+        freeze=instantiate(cfg.freeze),
+        optim=instantiate(cfg.optim),
+    )
+    datamodule = instantiate(cfg.data)
+    datamodule.processor = model.processor
+    return module, datamodule
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    return instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir)
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (and optionally test) one configuration; always leaves `metrics.json` behind."""
+    output_dir = Path(cfg.paths.output_dir)
+    summary: dict[str, Any] = {
+        "status": "running",
+        "overrides": hydra_overrides(),
+        "seed": cfg.seed,
+        "git_sha": git_sha(),
+        "output_dir": str(output_dir),
+    }
+    try:
+        L.seed_everything(cfg.seed, workers=True)
+        module, datamodule = build(cfg)
+        trainer = build_trainer(cfg, output_dir)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        summary["metrics"] = to_float_dict(trainer.callback_metrics)
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.best_model_path:
+            summary["best_checkpoint"] = checkpoint.best_model_path
+            summary["best_score"] = float(checkpoint.best_model_score)
+        summary["skipped_steps"] = module.skipped_steps
+        summary["global_step"] = trainer.global_step
+        summary["status"] = "completed"
+    except BaseException as error:
+        summary["status"] = "failed"
+        summary["error"] = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        atomic_write_json(output_dir / "metrics.json", summary)
+        _finish_wandb()
+    log.info("metrics: %s", summary["metrics"])
+    return summary
+
+
+def _finish_wandb() -> None:
+    """Lightning's WandbLogger never finishes its run; a sweep needs one run per job."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    OmegaConf.resolve(cfg)
+    summary = train(cfg)
+    return summary["metrics"].get(cfg.get("optimized_metric", "val/dice"))
+
+
+if __name__ == "__main__":
+    main()
