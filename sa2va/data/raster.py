@@ -50,11 +50,15 @@ def _outline(pts: np.ndarray, hw: HW) -> np.ndarray:
 
 def nesting_depths(polygons: Sequence[np.ndarray]) -> list[int]:
     """How many other polygons fully contain each polygon (odd depth = hole)."""
+    lo = [p.min(axis=0) for p in polygons]
+    hi = [p.max(axis=0) for p in polygons]
     depths = []
     for i, inner in enumerate(polygons):
         depth = 0
         for j, outer in enumerate(polygons):
-            if i == j or len(outer) < 3 or not points_in_poly(inner, outer).all():
+            if i == j or len(outer) < 3 or (lo[i] < lo[j]).any() or (hi[i] > hi[j]).any():
+                continue  # bounding boxes first: most pairs of vessel pieces end here
+            if not points_in_poly(inner, outer).all():
                 continue
             # Identical polygons contain each other: only the earlier one counts as outer.
             depth += not (j > i and points_in_poly(outer, inner).all())
