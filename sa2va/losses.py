@@ -85,18 +85,14 @@ class Sa2VALoss(nn.Module):
         if w_cldice:
             from monai.losses import SoftclDiceLoss
 
-            self.cldice = SoftclDiceLoss(iter_=cldice_iters, smooth=1.0)
+            self.cldice = SoftclDiceLoss(iter_=cldice_iters, sigmoid=True)
 
     def mask_terms(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Per-term mask losses on (N, H, W) logits and binary targets."""
         target = target.to(logits.dtype)
         terms: dict[str, Tensor] = {}
         if self.cldice is not None:  # needs the full 2D mask, never points
-            # MONAI skips channel 0 (background): pass [background, vessel] channels.
-            prob, onehot = logits.sigmoid().unsqueeze(1), target.unsqueeze(1)
-            terms["cldice"] = self.cldice(
-                torch.cat([1 - onehot, onehot], 1), torch.cat([1 - prob, prob], 1)
-            )
+            terms["cldice"] = self.cldice(logits.unsqueeze(1), target.unsqueeze(1))
         if self.num_points:
             coords = uncertain_point_coords(
                 logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio

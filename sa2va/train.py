@@ -10,6 +10,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from sa2va.utils import CONF_DIR, atomic_write_json, git_sha, to_float_dict
@@ -42,6 +43,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
 def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    if not loggers:  # LearningRateMonitor refuses to run without a logger (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir)
     )

@@ -1,0 +1,95 @@
+"""Loss terms against independent formulas and MONAI, on random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.losses import DiceLoss
+
+from sa2va.losses import Sa2VALoss, dice_loss, point_sample
+
+
+@pytest.fixture
+def logits_target() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 16, 16, generator=gen) * 3
+    target = torch.rand(3, 16, 16, generator=gen) > 0.7
+    return logits, target
+
+
+def test_bce_matches_seed_formula(logits_target):
+    logits, target = logits_target
+    p, y = logits.sigmoid().double(), target.double()
+    reference = -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+    terms = Sa2VALoss().mask_terms(logits, target)
+    assert terms["bce"].item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_dice_matches_formula_and_monai(logits_target):
+    logits, target = logits_target
+    p, y = logits.sigmoid(), target.float()
+    per_mask = [
+        1 - (2 * (p[i] * y[i]).sum() + 1.0) / (p[i].sum() + y[i].sum() + 1.0) for i in range(len(p))
+    ]
+    reference = torch.stack(per_mask).mean()
+    monai = DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)(
+        logits.unsqueeze(1), y.unsqueeze(1)
+    )
+    ours = dice_loss(logits, target, eps=1.0)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert ours.item() == pytest.approx(monai.item(), rel=1e-5)
+
+
+def test_focal_matches_formula(logits_target):
+    logits, target = logits_target
+    gamma, alpha = 2.0, 0.25
+    p, y = logits.sigmoid().double(), target.double()
+    p_t = p * y + (1 - p) * (1 - y)
+    alpha_t = alpha * y + (1 - alpha) * (1 - y)
+    reference = (-alpha_t * (1 - p_t) ** gamma * p_t.log()).mean()
+    loss = Sa2VALoss(w_focal=1.0, focal_gamma=gamma, focal_alpha=alpha)
+    assert loss.mask_terms(logits, target)["focal"].item() == pytest.approx(
+        reference.item(), rel=1e-4
+    )
+
+
+def test_cldice_is_zero_for_a_perfect_mask_and_high_for_a_wrong_one():
+    target = torch.zeros(1, 32, 32, dtype=torch.bool)
+    target[0, 14:18, 2:30] = True
+    perfect = torch.where(target, 20.0, -20.0)
+    loss = Sa2VALoss(w_cldice=1.0)
+    assert loss.mask_terms(perfect, target)["cldice"].item() < 0.05
+    assert loss.mask_terms(-perfect, target)["cldice"].item() > 0.9
+
+
+def test_weights_select_terms_and_total():
+    logits = [torch.randn(1, 2, 8, 8, requires_grad=True)]
+    target = [torch.rand(1, 2, 8, 8) > 0.5]
+    lm = torch.tensor(2.0, requires_grad=True)
+    terms = Sa2VALoss(w_mask=1.0, w_dice=0.0, w_lang=0.5)(logits, target, lm)
+    assert set(terms) == {"bce", "dice", "lang", "loss"}
+    assert terms["loss"].item() == pytest.approx(terms["bce"].item() + 1.0)
+    terms["loss"].backward()
+    # Dice is logged but has weight 0: the gradient equals BCE's alone.
+    bce_only = Sa2VALoss(w_mask=1.0, w_dice=0.0, w_lang=0.0)
+    grad = logits[0].grad.clone()
+    logits[0].grad = None
+    bce_only(logits, target, None)["loss"].backward()
+    assert torch.allclose(grad, logits[0].grad)
+
+
+def test_mismatched_mask_count_is_a_clear_error():
+    with pytest.raises(ValueError, match="one \\[SEG\\] per object"):
+        Sa2VALoss()([torch.zeros(1, 1, 8, 8)], [torch.zeros(1, 2, 8, 8)], None)
+
+
+def test_point_sampling_reads_values_at_points_and_approximates_full_loss():
+    grid = torch.arange(16.0).view(1, 4, 4)
+    centre_of_pixel_1_2 = torch.tensor([[[(2 + 0.5) / 4, (1 + 0.5) / 4]]])
+    assert point_sample(grid, centre_of_pixel_1_2).item() == pytest.approx(6.0)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 32, 32)
+    target = torch.rand(2, 32, 32) > 0.5
+    full = Sa2VALoss().mask_terms(logits, target)["bce"]
+    sampled = Sa2VALoss(num_points=4096, importance_sample_ratio=0.0).mask_terms(logits, target)
+    assert sampled["bce"].item() == pytest.approx(full.item(), rel=0.1)

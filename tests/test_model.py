@@ -1,0 +1,142 @@
+"""The joint model: inputs, [SEG] wiring, both predict modes, checkpoint round trip."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from sa2va.data.processor import IGNORE_INDEX
+from sa2va.model.mllm import IMG_CONTEXT_TOKEN
+from sa2va.model.sa2va import Sa2VA
+from sa2va.module import Sa2VAModule
+from tests.test_freeze import synthetic_batch
+
+PROMPT = "<image>\nPlease segment the blood vessel."
+
+
+@pytest.fixture
+def model(compose_cfg) -> Sa2VA:
+    torch.manual_seed(0)
+    return instantiate(compose_cfg().model)
+
+
+def frames(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_processor_supervises_only_the_answers_and_expands_image_tokens(model):
+    sample = model.processor(
+        frames(2), [PROMPT, "Please segment the artery."], ["Sure, [SEG]."] * 2
+    )
+    tok = model.tokenizer
+    ids, labels = sample["input_ids"], sample["labels"]
+    supervised = tok.decode(ids[labels != IGNORE_INDEX])
+    assert supervised == "Sure, [SEG].<|im_end|>\nSure, [SEG].<|im_end|>\n"
+    context_id = tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    # two frames, one tile each, image_seq_length tokens per tile
+    assert (ids == context_id).sum() == 2 * model.processor.image_seq_length
+    assert sample["pixel_values"].shape[0] == 2
+    assert sample["g_pixel_values"].shape == (2, 3, 256, 256)
+
+
+def test_key_frames_bound_the_image_tokens(model):
+    sample = model.processor(frames(9), [PROMPT], ["Sure, [SEG]."])
+    assert sample["pixel_values"].shape[0] == model.processor.mllm_frames == 5
+    assert sample["g_pixel_values"].shape[0] == 9  # SAM2 still sees every frame
+
+
+def test_forward_gives_one_mask_per_seg_per_frame(model):
+    clip = model.processor(frames(3), [PROMPT], ["Sure, [SEG]."])
+    two_objects = model.processor(
+        frames(1), [PROMPT, "Please segment the artery."], ["Sure, [SEG].", "Sure, [SEG]."]
+    )
+    out = model(model.processor.collate([clip, two_objects]))
+    assert out.seg_counts == [1, 2]
+    assert [tuple(m.shape) for m in out.pred_masks] == [(3, 1, 256, 256), (1, 2, 256, 256)]
+    assert out.lm_loss is not None and torch.isfinite(out.lm_loss)
+
+
+def test_same_seg_embedding_prompts_every_frame_of_a_clip(model):
+    """A clip of one frame repeated gives the same mask on each frame."""
+    clip = frames(1) * 3
+    out = model.predict_forward(clip, [PROMPT])
+    masks = out["masks"]
+    assert torch.allclose(masks[0], masks[1], atol=1e-5)
+    assert torch.allclose(masks[0], masks[2], atol=1e-5)
+
+
+def test_gradients_reach_llm_projector_and_sam2(model):
+    batch = synthetic_batch(model)
+    out = model(batch)
+    loss = sum(m.float().mean() for m in out.pred_masks)
+    loss.backward()
+    for part in (
+        model.mllm.model.language_model,
+        model.text_hidden_fcs,
+        model.sam2.sam_mask_decoder,
+    ):
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), type(part).__name__
+
+
+def test_fast_and_generate_agree_once_the_answer_is_learned(model):
+    """Teach the LM the fixed answer, then both predict modes must give identical masks."""
+    batch = synthetic_batch(model)
+    optimizer = torch.optim.AdamW(model.mllm.parameters(), lr=1e-2)
+    for _ in range(60):
+        optimizer.zero_grad()
+        model(batch).lm_loss.backward()
+        optimizer.step()
+    model.eval()
+    clip = frames(1)
+    generated = model.predict_forward(clip, [PROMPT], mode="generate", max_new_tokens=12)
+    fast = model.predict_forward(clip, [PROMPT], mode="fast")
+    assert generated["text"] == ["Sure, [SEG]."]
+    assert torch.equal(generated["masks"], fast["masks"])
+
+
+def test_generate_without_seg_gives_no_mask(model):
+    model.eval()
+    out = model.predict_forward(frames(1), [PROMPT], mode="generate", max_new_tokens=3)
+    if "[SEG]" not in out["text"][0]:
+        assert out["masks"].shape[1] == 0 and out["seg_count"] == 0
+
+
+def test_unknown_predict_mode_is_rejected(model):
+    with pytest.raises(ValueError, match="'fast' or 'generate'"):
+        model.predict_forward(frames(1), [PROMPT], mode="beam")
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(compose_cfg, tmp_path):
+    cfg = compose_cfg("freeze=official")
+    module = instantiate(
+        cfg.module,
+        model=instantiate(cfg.model),
+        loss=instantiate(cfg.loss),
+        freeze=instantiate(cfg.freeze),
+        optim=instantiate(cfg.optim),
+    )
+    with torch.no_grad():  # move away from initialisation so the test can fail
+        for p in module.model.text_hidden_fcs.parameters():
+            p.add_(0.1)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=0)
+    trainer.strategy.connect(module)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+
+    checkpoint = torch.load(path, weights_only=False)
+    meta = checkpoint["sa2va"]
+    rebuilt = Sa2VA(**meta["model"], load_pretrained=False)
+    instantiate({"_target_": "sa2va.freeze.FreezePolicy", **meta["freeze"]}).apply(rebuilt)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    rebuilt.load_state_dict({k: v for k, v in state.items() if not k.startswith("loss.")})
+    module.model.eval(), rebuilt.eval()
+    clip = frames(2)
+    expected = module.model.predict_forward(clip, [PROMPT])["masks"]
+    assert torch.equal(rebuilt.predict_forward(clip, [PROMPT])["masks"], expected)
+    assert isinstance(module, Sa2VAModule)
