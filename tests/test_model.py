@@ -100,11 +100,16 @@ def test_fast_and_generate_agree_once_the_answer_is_learned(model):
     assert torch.equal(generated["masks"], fast["masks"])
 
 
-def test_generate_without_seg_gives_no_mask(model):
-    model.eval()
-    out = model.predict_forward(frames(1), [PROMPT], mode="generate", max_new_tokens=3)
-    if "[SEG]" not in out["text"][0]:
-        assert out["masks"].shape[1] == 0 and out["seg_count"] == 0
+def test_generate_without_seg_gives_no_mask(model, monkeypatch):
+    answer = model.tokenizer("There is no vessel.<|im_end|>", return_tensors="pt")["input_ids"]
+
+    def answer_without_seg(input_ids, **kwargs):
+        return torch.cat([input_ids, answer], dim=1)
+
+    monkeypatch.setattr(model.mllm, "generate", answer_without_seg)
+    out = model.predict_forward(frames(2), [PROMPT], mode="generate")
+    assert out["text"] == ["There is no vessel."]
+    assert out["seg_count"] == 0 and out["masks"].shape == (2, 0, 256, 256)
 
 
 def test_unknown_predict_mode_is_rejected(model):
