@@ -35,6 +35,13 @@ def build_projector(in_dim: int, out_dim: int, hidden_dim: int | None = None, dr
     )
 
 
+def batch_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move a collated batch's tensors (and its per-sample SAM2 views) to `device`."""
+    moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    moved["g_pixel_values"] = [g.to(device) for g in batch["g_pixel_values"]]
+    return moved
+
+
 @dataclass
 class Sa2VAOutput:
     lm_loss: Tensor | None
@@ -167,9 +174,17 @@ class Sa2VA(nn.Module):
             for chunk, t_len, m in zip(logits.split(sizes), lengths, counts, strict=True)
         ]
 
-    def forward(self, batch: Mapping[str, Any]) -> Sa2VAOutput:
+    def seg_embeddings(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor, list[int]]:
+        """The language half of `forward`: LM loss, projected [SEG] embeddings, counts per sample.
+
+        Video propagation (`sa2va.video`) prompts SAM2's memory tracker with these itself.
+        """
         lm_loss, hidden = self._mllm_hidden(batch)
         embeddings, counts = self._seg_embeddings(hidden, batch["input_ids"])
+        return lm_loss, embeddings, counts
+
+    def forward(self, batch: Mapping[str, Any]) -> Sa2VAOutput:
+        lm_loss, embeddings, counts = self.seg_embeddings(batch)
         masks = self.decode(batch["g_pixel_values"], embeddings, counts)
         return Sa2VAOutput(lm_loss=lm_loss, pred_masks=masks, seg_counts=counts)
 
@@ -190,6 +205,21 @@ class Sa2VA(nn.Module):
         states from one forward pass over the generated sequence — so both modes give
         identical masks whenever the generated answer equals `answer`.
         """
+        batch, texts = self.prepare_inputs(frames, prompts, mode, answer, max_new_tokens)
+        out = self(batch)
+        return {"text": texts, "masks": out.pred_masks[0], "seg_count": out.seg_counts[0]}
+
+    @torch.no_grad()
+    def prepare_inputs(
+        self,
+        frames: Sequence[Image.Image],
+        prompts: Sequence[str],
+        mode: str = "fast",
+        answer: str = DEFAULT_ANSWER,
+        max_new_tokens: int = 32,
+    ) -> tuple[dict[str, Any], list[str]]:
+        """One clip as an on-device batch without labels, plus its answer texts (see
+        `predict_forward` for the two modes)."""
         if mode not in ("fast", "generate"):
             raise ValueError(f"predict mode must be 'fast' or 'generate', got {mode!r}")
         device = self.text_hidden_fcs[0].weight.device
@@ -198,12 +228,9 @@ class Sa2VA(nn.Module):
             texts = [answer] * len(prompts)
         else:
             sample, texts = self._generate_answers(frames, prompts, max_new_tokens, device)
-        batch = self.processor.collate([sample])
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        batch["g_pixel_values"] = [g.to(device) for g in batch["g_pixel_values"]]
+        batch = batch_to_device(self.processor.collate([sample]), device)
         batch.pop("labels")
-        out = self(batch)
-        return {"text": texts, "masks": out.pred_masks[0], "seg_count": out.seg_counts[0]}
+        return batch, texts
 
     def _generate_answers(
         self, frames: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int, device

@@ -72,6 +72,17 @@ def encode_images(sam2: SAM2Base, images: Tensor) -> ImageFeatures:
     return ImageFeatures(image_embed=maps[-1], high_res=maps[:-1])
 
 
+def seg_prompt(sparse: Tensor, dense: Tensor, prompts: Tensor) -> tuple[Tensor, Tensor]:
+    """Prompt-encoder output with no points/boxes -> one [SEG] embedding as the sparse prompt.
+
+    `sparse` is the encoder's empty (1, 0, C) output, `dense` its no-mask embedding; both are
+    repeated for the N (N, C) `prompts`. Shared by `decode_masks` and video propagation.
+    """
+    n = prompts.shape[0]
+    sparse = torch.cat([sparse.expand(n, -1, -1), prompts.unsqueeze(1).to(sparse.dtype)], 1)
+    return sparse, dense.expand(n, -1, -1, -1)
+
+
 def decode_masks(sam2: SAM2Base, features: ImageFeatures, prompts: Tensor) -> Tensor:
     """Decode one mask per prompt embedding.
 
@@ -79,10 +90,8 @@ def decode_masks(sam2: SAM2Base, features: ImageFeatures, prompts: Tensor) -> Te
     the projected [SEG] embedding replaces SAM2's point/box sparse prompt. Returns
     low-resolution logits (N, 4h, 4w).
     """
-    n = prompts.shape[0]
-    sparse, dense = sam2.sam_prompt_encoder(points=None, boxes=None, masks=None)
-    dense = dense.expand(n, -1, -1, -1)
-    sparse = torch.cat([sparse.expand(n, -1, -1), prompts.unsqueeze(1).to(sparse.dtype)], 1)
+    empty = sam2.sam_prompt_encoder(points=None, boxes=None, masks=None)
+    sparse, dense = seg_prompt(*empty, prompts)
     low_res, _, _, _ = sam2.sam_mask_decoder(
         image_embeddings=features.image_embed,
         image_pe=sam2.sam_prompt_encoder.get_dense_pe(),
