@@ -1,0 +1,122 @@
+"""Video inference on a random tiny model: per-frame batching, SAM2 memory propagation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from sa2va.model.sa2va import Sa2VA
+from sa2va.video import probabilities, propagate_masks, seg_owners, segment_video
+
+PROMPTS = ["Please segment the blood vessel.", "Segment vessels [SEG] and optic disc [SEG]"]
+NO_OBJECT_SCORES = [  # SAM2's object-score veto off, so key-frame masks compare exactly
+    "model.sam2.pred_obj_scores=false",
+    "model.sam2.pred_obj_scores_mlp=false",
+    "model.sam2.fixed_no_obj_ptr=false",
+]
+
+
+@pytest.fixture
+def model(compose_cfg) -> Sa2VA:
+    torch.manual_seed(0)
+    return instantiate(compose_cfg(*NO_OBJECT_SCORES).model).eval()
+
+
+def frames(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+class CallLog:
+    """Records each call of a wrapped method (with its keyword arguments) and forwards it."""
+
+    def __init__(self, owner, name: str) -> None:
+        self.calls: list[dict] = []
+        self.method = getattr(owner, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(kwargs)
+        return self.method(*args, **kwargs)
+
+
+def spy(monkeypatch, owner, name: str) -> CallLog:
+    log = CallLog(owner, name)
+    monkeypatch.setattr(owner, name, log)
+    return log
+
+
+def test_seg_owners_read_prompt_then_answer_of_each_turn():
+    answers = ["Sure, [SEG].", "Done."]
+    assert seg_owners(PROMPTS, answers) == [0, 1, 1]
+    assert seg_owners(["a", "b"], ["[SEG] and [SEG]", "none"]) == [0, 0]
+
+
+@pytest.mark.parametrize("video_mode", ["per_frame", "propagate"])
+def test_one_mask_per_frame_per_seg(model, video_mode):
+    pred = segment_video(model, frames(4), PROMPTS, video_mode=video_mode, batch_size=3)
+    size = model.processor.mask_size
+    assert [tuple(m.shape) for m in pred.logits] == [(4, size, size)] * 4  # 1 + 2 + 1 [SEG]
+    assert pred.answers == [["Sure, [SEG].", "Sure, [SEG]."]] * 4
+    assert all(torch.isfinite(m).all() for m in pred.logits)
+
+
+def test_per_frame_batches_equal_single_frame_predictions(model, monkeypatch):
+    clip = frames(5)
+    mllm = spy(monkeypatch, model.mllm, "forward")
+    pred = segment_video(model, clip, PROMPTS[:1], batch_size=2)
+    assert len(mllm.calls) == math.ceil(5 / 2)
+    for t, frame in enumerate(clip):
+        alone = model.predict_forward([frame], PROMPTS[:1])["masks"][0]
+        torch.testing.assert_close(pred.logits[t], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_propagate_runs_the_mllm_once_on_the_key_frames_only(model, monkeypatch):
+    clip = frames(5)
+    mllm = spy(monkeypatch, model.mllm, "forward")
+    memory_attention = spy(monkeypatch, model.sam2.memory_attention, "forward")
+    memory_encoder = spy(monkeypatch, model.sam2.memory_encoder, "forward")
+    segment_video(model, clip, PROMPTS[:1], video_mode="propagate", key_frames=2, batch_size=2)
+
+    assert len(mllm.calls) == 1
+    shown = mllm.calls[0]["pixel_values"]
+    key_views = model.processor([clip[0], clip[4]], PROMPTS[:1], ["Sure, [SEG]."])
+    torch.testing.assert_close(shown, key_views["pixel_values"])  # frames 0 and 4, nothing else
+    assert len(memory_attention.calls) == 3  # frames 1-3 are tracked from memory
+    assert len(memory_encoder.calls) == 5  # every frame adds to the memory bank
+
+
+def test_key_frames_decode_as_trained_and_other_frames_use_memory(model):
+    clip = frames(3)
+    per_frame = segment_video(model, clip, PROMPTS[:1], video_mode="per_frame")
+    propagated = segment_video(model, clip, PROMPTS[:1], video_mode="propagate")
+    torch.testing.assert_close(propagated.logits[0], per_frame.logits[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(propagated.logits[1], per_frame.logits[1], atol=1e-3)
+
+
+def test_generate_mode_masks_follow_the_generated_answers(model):
+    pred = segment_video(
+        model, frames(3), PROMPTS[:1], mode="generate", video_mode="propagate", max_new_tokens=4
+    )
+    assert len(pred.logits) == 3 and len(pred.answers) == 3
+    for logits, answers in zip(pred.logits, pred.answers, strict=True):
+        assert logits.shape[0] == len(seg_owners(PROMPTS[:1], answers))
+
+
+def test_propagation_must_start_at_frame_zero(model):
+    views = [model.processor.sam2_view(f) for f in frames(2)]
+    prompts = torch.zeros(1, model.sam2.sam_prompt_encoder.embed_dim)
+    with pytest.raises(ValueError, match="must include 0"):
+        propagate_masks(model.sam2, views, prompts, key_frames=[1])
+
+
+def test_probabilities_resize_to_the_image_size():
+    logits = torch.tensor([[[-20.0, 20.0], [0.0, 0.0]]])
+    probs = probabilities(logits, (4, 6))
+    assert probs.shape == (1, 4, 6) and probs.min() >= 0 and probs.max() <= 1
+    assert probs[0, 0, -1] > 0.99 and probs[0, 0, 0] < 0.01
+    assert probabilities(logits[:0], (4, 6)).shape == (0, 4, 6)
