@@ -39,6 +39,7 @@ from sa2va.metrics import (
     temporal_consistency,
     tune_threshold,
 )
+from sa2va.model.sa2va import Sa2VA
 from sa2va.predict import load_model, load_tuned_threshold, resolve_device, save_tuned_threshold
 from sa2va.train import hydra_overrides
 from sa2va.utils import CONF_DIR, atomic_write_bytes, atomic_write_json, git_sha, to_plain
@@ -133,7 +134,7 @@ class VideoResult:
 
 
 def predict_videos(
-    model: Any, dm: OCTDataModule, split: str, ecfg: DictConfig
+    model: Sa2VA, dm: OCTDataModule, split: str, ecfg: DictConfig
 ) -> Iterator[VideoResult]:
     """Run the model over every whole video of ``split`` (masks at each image's own size)."""
     videos = dm.videos(split)
@@ -175,7 +176,7 @@ def predict_videos(
             yield VideoResult(video_id, records, objects, probs, gts, missing)
 
 
-def tune_on_val(model: Any, dm: OCTDataModule, ecfg: DictConfig) -> dict[str, Any]:
+def tune_on_val(model: Sa2VA, dm: OCTDataModule, ecfg: DictConfig) -> dict[str, Any]:
     """Threshold maximising the mean per-image ``eval.tune_metric`` on the validation split."""
     probs, gts = [], []
     for video in predict_videos(model, dm, "val", ecfg):

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
 
 VideoMode = Literal["per_frame", "propagate"]
-VIDEO_MODES: tuple[str, ...] = ("per_frame", "propagate")
+VIDEO_MODES: tuple[VideoMode, ...] = ("per_frame", "propagate")
 
 
 @dataclass
@@ -104,7 +104,7 @@ def segment_video(
     prompts: Sequence[str],
     answers: str | Sequence[str] = DEFAULT_ANSWER,
     mode: str = "fast",
-    video_mode: str = "per_frame",
+    video_mode: VideoMode = "per_frame",
     key_frames: int = 1,
     batch_size: int = 4,
     max_new_tokens: int = 32,
