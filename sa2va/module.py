@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,7 @@ from torch import Tensor
 from sa2va.freeze import FreezePolicy, format_parameter_table, parameter_table
 from sa2va.losses import Sa2VALoss
 from sa2va.metrics import SegmentationMetrics
+from sa2va.model.feature_cache import FeatureCache
 from sa2va.optim import AdamWCosine
 
 log = logging.getLogger(__name__)
@@ -33,11 +35,17 @@ class Sa2VAModule(L.LightningModule):
         optim: AdamWCosine,
         threshold: float = 0.5,
         on_nonfinite: str = "skip",
+        feature_cache: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"module.on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
         freeze.apply(model)
+        if feature_cache:  # true, or FeatureCache options (max_gb, disk_dir, store_device)
+            if not hasattr(model, "feature_cache"):
+                raise ValueError(f"module.feature_cache: {type(model).__name__} has no cache hook")
+            options = {} if feature_cache is True else dict(feature_cache)
+            model.feature_cache = FeatureCache(**options)
         self.model = model
         self.loss = loss
         self.freeze = freeze

@@ -103,6 +103,12 @@ def load_rgb(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
+def frame_key(record: FrameRecord) -> str:
+    """Path plus size and modification time, so a rewritten image file gets a new key."""
+    stat = Path(record.image_path).stat()
+    return f"{record.image_path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 class OCTClipDataset(Dataset):
     """Clips of consecutive frames -> processor sample + masks (T, M, S, S).
 
@@ -150,6 +156,9 @@ class OCTClipDataset(Dataset):
         sample["video_id"] = clip[0].video_id
         sample["frame_indices"] = [r.frame_index for r in clip]
         sample["image_paths"] = [str(r.image_path) for r in clip]
+        # Names each frame's pixels for the model's frozen-encoder feature cache; left out
+        # (None) while random augmentation makes them differ from the file's.
+        sample["frame_keys"] = None if self.hflip_prob > 0 else [frame_key(r) for r in clip]
         return sample
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from sa2va.data.processor import Sa2VAProcessor
+from sa2va.model.feature_cache import FeatureCache, cached_encoders
 from sa2va.model.mllm import SEG_TOKEN, build_mllm
 from sa2va.model.sam2 import build_sam2, decode_masks, encode_images, upsample
 from sa2va.utils import to_plain
@@ -108,6 +109,8 @@ class Sa2VA(nn.Module):
         )
         if gradient_checkpointing:
             self.mllm.gradient_checkpointing_enable({"use_reentrant": False})
+        # Runtime option, not architecture (see sa2va.model.feature_cache; set by the module).
+        self.feature_cache: FeatureCache | None = None
 
     @property
     def language_model(self) -> nn.Module:
@@ -184,8 +187,9 @@ class Sa2VA(nn.Module):
         return lm_loss, embeddings, counts
 
     def forward(self, batch: Mapping[str, Any]) -> Sa2VAOutput:
-        lm_loss, embeddings, counts = self.seg_embeddings(batch)
-        masks = self.decode(batch["g_pixel_values"], embeddings, counts)
+        with cached_encoders(self, batch):  # frozen encoders reuse per-frame outputs
+            lm_loss, embeddings, counts = self.seg_embeddings(batch)
+            masks = self.decode(batch["g_pixel_values"], embeddings, counts)
         return Sa2VAOutput(lm_loss=lm_loss, pred_masks=masks, seg_counts=counts)
 
     # ---- inference --------------------------------------------------------------------
