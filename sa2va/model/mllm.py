@@ -108,19 +108,28 @@ def build_mllm(
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = GotOcr2ImageProcessorPil.from_pretrained(path)
         if load_weights:
-            model = InternVLForConditionalGeneration.from_pretrained(
-                path, dtype=torch_dtype, attn_implementation=attn_implementation
+            from sa2va.model.checkpoints import check_loading_info
+
+            model, loading_info = InternVLForConditionalGeneration.from_pretrained(
+                path,
+                dtype=torch_dtype,
+                attn_implementation=attn_implementation,
+                output_loading_info=True,
             )
+            check_loading_info(loading_info, f"InternVL checkpoint {path}")
         else:
             hf_config = InternVLConfig.from_pretrained(path)
             hf_config._attn_implementation = attn_implementation
             model = InternVLForConditionalGeneration(hf_config).to(torch_dtype)
     elif config is not None:
         tokenizer = build_tiny_tokenizer(tokenizer_vocab_size)
+        # A real-size config keeps its own vocab_size (the planner needs the true embedding
+        # shapes); the tiny model's vocabulary is its tokenizer's.
+        vocab_size = max(config["text_config"].get("vocab_size", 0), len(tokenizer))
         hf_config = InternVLConfig(
             **{k: v for k, v in config.items() if k not in ("vision_config", "text_config")},
             vision_config=dict(config["vision_config"]),
-            text_config={**config["text_config"], "vocab_size": len(tokenizer)},
+            text_config={**config["text_config"], "vocab_size": vocab_size},
             image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN),
         )
         hf_config._attn_implementation = attn_implementation
