@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
@@ -56,3 +60,22 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+def safe_dirname(text: str, max_bytes: int = 200) -> str:
+    """One path-safe directory name for ``text`` (e.g. a job's overrides).
+
+    Path separators become ``_`` (``data.root=/x`` must not nest folders), and a name longer
+    than ``max_bytes`` is cut and suffixed with a hash of the whole text, since file systems
+    refuse names over 255 bytes and a long override list easily exceeds that.
+    """
+    name = re.sub(r"[/\\\x00]", "_", text)
+    if len(name.encode()) <= max_bytes:
+        return name
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    head = name.encode()[: max_bytes - len(digest) - 1].decode(errors="ignore")
+    return f"{head}-{digest}"
+
+
+# Used by conf/hydra/default.yaml (sweep sub-directories); registered on `import sa2va`.
+OmegaConf.register_new_resolver("sa2va_dirname", safe_dirname, replace=True)
