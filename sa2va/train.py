@@ -9,10 +9,12 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from sa2va.logging_utils import ablation_keys, log_run_config
 from sa2va.utils import CONF_DIR, atomic_write_json, git_sha, to_float_dict
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "status": "running",
         "overrides": hydra_overrides(),
         "seed": cfg.seed,
+        "ablation": ablation_keys(cfg),
         "git_sha": git_sha(),
         "output_dir": str(output_dir),
     }
@@ -64,6 +67,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
         module, datamodule = build(cfg)
         trainer = build_trainer(cfg, output_dir)
+        log_run_config(trainer.loggers, cfg)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         summary["metrics"] = to_float_dict(trainer.callback_metrics)
         checkpoint = trainer.checkpoint_callback
@@ -79,24 +83,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         atomic_write_json(output_dir / "metrics.json", summary)
-        _finish_wandb()
+        _finish_wandb(summary)
     log.info("metrics: %s", summary["metrics"])
     return summary
 
 
-def _finish_wandb() -> None:
-    """Lightning's WandbLogger never finishes its run; a sweep needs one run per job."""
+def _finish_wandb(summary: dict[str, Any]) -> None:
+    """Lightning's WandbLogger never finishes its run; a sweep needs one run per job.
+
+    A failed job's run is marked failed (exit code 1) with its error in the summary.
+    """
     import sys
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        wandb.finish()
+        wandb.run.summary.update({"status": summary["status"], "error": summary.get("error")})
+        wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    """In a sweep (-m) a failed job returns NaN instead of raising, so later jobs and batches
+    still run (with any launcher or sweeper); its metrics.json says failed, with the error,
+    and sa2va.compare lists it. A single run still raises (non-zero exit)."""
     OmegaConf.resolve(cfg)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Exception:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        log.exception("job failed (recorded in metrics.json); the sweep goes on")
+        return float("nan")
     return summary["metrics"].get(cfg.get("optimized_metric", "val/dice"))
 
 

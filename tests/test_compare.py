@@ -1,0 +1,173 @@
+"""sa2va.compare on hand-made run dirs: grouping, statistics, failures, outputs and CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from sa2va.compare import (
+    BEST,
+    compare_jobs,
+    load_jobs,
+    main,
+    override_label,
+    parse_overrides,
+    swept_keys,
+)
+
+WEIGHTS = {"bce_dice": (1.0, 1.0, 0.0), "bce_dice_lang": (1.0, 1.0, 0.5)}
+
+
+def make_job(
+    sweep: Path,
+    num: int,
+    overrides: list[str],
+    status: str | None = "completed",
+    dice: float = 0.5,
+    choices: dict | None = None,
+    task: str = "train",
+) -> Path:
+    """A run dir as `sa2va.train` leaves it (metrics.json, .hydra/*, csv/metrics.csv)."""
+    run = sweep / f"{num}_{','.join(overrides)}"
+    items = parse_overrides(overrides)
+    loss = items.get("loss", "bce_dice_lang")
+    choices = {"model": "sa2va_tiny", "loss": loss, "experiment": None} | (choices or {})
+    hydra = {"hydra": {"runtime": {"choices": choices}, "job": {"num": num}}}
+    config = {"task_name": task, "seed": int(items.get("seed", 0)), "trainer": {"max_steps": 4}}
+    for name, content in [("hydra", hydra), ("config", config), ("overrides", overrides)]:
+        (run / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(content), run / ".hydra" / f"{name}.yaml")
+    if status is not None:
+        w_mask, w_dice, w_lang = WEIGHTS[loss]
+        summary = {
+            "status": status,
+            "seed": config["seed"],
+            "ablation": {"loss.w_mask": w_mask, "loss.w_dice": w_dice, "loss.w_lang": w_lang},
+        }
+        if status == "completed":
+            names = ("val/dice", "val/iou", "val/precision", "val/recall")
+            summary["metrics"] = {m: dice for m in names} | {"train/loss": 1.0}
+            summary["best_score"] = dice + 0.1
+        else:
+            summary["error"] = "ValueError: bad things"
+        (run / "metrics.json").write_text(json.dumps(summary))
+    (run / "csv").mkdir()
+    (run / "csv" / "metrics.csv").write_text(
+        f"epoch,step,train/loss,val/dice\n0,0,2.0,\n0,1,,{dice - 0.1}\n0,3,1.0,{dice}\n"
+    )
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """loss x seed, 2 x 3: one failed job, one without metrics.json, plus an eval run."""
+    root = tmp_path / "sweep"
+    dice = {("bce_dice", 0): 0.50, ("bce_dice", 1): 0.60, ("bce_dice", 2): 0.70}
+    dice |= {("bce_dice_lang", 0): 0.65, ("bce_dice_lang", 1): 0.75}
+    num = 0
+    for loss in WEIGHTS:
+        for seed in range(3):
+            overrides = [f"loss={loss}", f"seed={seed}", "trainer.max_steps=4"]
+            if (loss, seed) in dice:
+                make_job(root, num, overrides, dice=dice[(loss, seed)])
+            else:
+                make_job(root, num, overrides, status="failed")
+            num += 1
+    make_job(root, num, ["loss=bce_dice", "seed=3", "trainer.max_steps=4"], status=None)
+    make_job(tmp_path / "sweep" / "eval_run", 0, ["loss=bce_dice"], task="eval")
+    return root
+
+
+def test_groups_by_the_varying_overrides_with_mean_and_std_over_seeds(sweep: Path):
+    comparison = compare_jobs(load_jobs(sweep), str(sweep))
+    assert comparison.axes == ["loss"]
+    assert comparison.fixed == {"trainer.max_steps": "4"}
+    assert comparison.details == ["loss.w_lang"]  # w_mask/w_dice equal in both arms
+    by_loss = {g.values: g for g in comparison.groups}
+    assert set(by_loss) == {("bce_dice",), ("bce_dice_lang",)}
+    plain, lang = by_loss[("bce_dice",)], by_loss[("bce_dice_lang",)]
+    mean, std, n = plain.stats("val/dice")
+    assert (mean, n) == (pytest.approx(0.6), 3) and std == pytest.approx(
+        np.std([0.5, 0.6, 0.7], ddof=1)
+    )
+    assert lang.stats(BEST)[:2] == (pytest.approx(0.8), pytest.approx(np.std([0.75, 0.85], ddof=1)))
+    counts = {
+        g.values[0]: [g.count(s) for s in ("completed", "failed", "missing")]
+        for g in by_loss.values()
+    }
+    assert counts == {"bce_dice": [3, 0, 1], "bce_dice_lang": [2, 1, 0]}
+
+
+def test_markdown_and_csv_have_every_cell_and_list_failures(sweep: Path, tmp_path: Path):
+    comparison = compare_jobs(load_jobs(sweep), str(sweep))
+    text = comparison.markdown()
+    assert "| bce_dice | 0.0 | 3 | 0 | 1 | 0.6000 ± 0.1000 |" in text
+    assert "| bce_dice_lang | 0.5 | 2 | 1 | 0 | 0.7000 ± 0.0707 |" in text
+    assert "## Failed jobs" in text and "ValueError: bad things" in text
+    assert "seed=3" in text.split("## Jobs without metrics.json")[1]
+    rows = comparison.rows()
+    assert [r["loss"] for r in rows] == ["bce_dice", "bce_dice_lang"]
+    for row in rows:
+        for metric in ("val/dice", "val/iou", "val/precision", "val/recall", BEST):
+            assert math.isfinite(row[f"{metric} mean"]) and math.isfinite(row[f"{metric} std"])
+
+
+def test_a_key_left_at_its_default_is_filled_from_the_config_choices(tmp_path: Path):
+    make_job(tmp_path, 0, ["seed=0"], dice=0.7)  # default model (sa2va_tiny)
+    make_job(tmp_path, 1, ["seed=1"], dice=0.8)
+    make_job(tmp_path, 2, ["model=unet", "seed=0"], dice=0.4, choices={"model": "unet"})
+    comparison = compare_jobs(load_jobs(tmp_path))
+    assert comparison.axes == ["model"]
+    assert {g.values: g.stats("val/dice")[0] for g in comparison.groups} == {
+        ("sa2va_tiny",): pytest.approx(0.75),
+        ("unet",): pytest.approx(0.4),
+    }
+
+
+def test_one_job_is_one_group_with_its_value_only(tmp_path: Path):
+    make_job(tmp_path, 0, ["seed=0"], dice=0.7)
+    comparison = compare_jobs(load_jobs(tmp_path))
+    assert comparison.axes == [] and comparison.label(comparison.groups[0]) == "all"
+    assert "| 1 | 0 | 0 | 0.7000 |" in comparison.markdown()
+
+
+def test_cli_writes_the_report_files(sweep: Path, tmp_path: Path, capsys):
+    out = tmp_path / "report"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"comparison.md", "comparison.csv", "runs.csv"} <= names
+    assert {"comparison_bars.png", "training_curves.png"} <= names
+    with (out / "runs.csv").open() as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 7 and sorted(r["status"] for r in runs).count("failed") == 1
+    assert "| loss |" in capsys.readouterr().out
+
+
+def test_clear_errors_for_bad_input(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_jobs(tmp_path / "absent")
+    with pytest.raises(ValueError, match="no training jobs found"):
+        compare_jobs(load_jobs(tmp_path), str(tmp_path))
+    run = make_job(tmp_path, 0, ["seed=0"])
+    (run / "metrics.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"metrics.json: not valid JSON"):
+        load_jobs(tmp_path)
+
+
+def test_override_helpers_use_hydra_grammar():
+    lines = ["+experiment/freeze_arm=sam2_full", "model/sam2@model.sam2=hiera_t", "seed=1"]
+    assert parse_overrides(lines) == {
+        "experiment/freeze_arm": "sam2_full",
+        "model/sam2@model.sam2": "hiera_t",
+        "seed": "1",
+    }
+    assert swept_keys(["loss=a,b", "seed=range(3)", "trainer.max_steps=4"]) == {"loss", "seed"}
+    assert override_label(lines, exclude=["seed"], only=["seed", "experiment/freeze_arm"]) == (
+        "experiment/freeze_arm=sam2_full"
+    )
