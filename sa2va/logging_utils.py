@@ -111,7 +111,7 @@ def job_labels() -> dict[str, str | None]:
     if axes is not None:
         sweep = hc.runtime.choices.get("experiment") or hc.job.name
         group = f"{sweep}-{Path(hc.sweep.dir).name}"
-    # W&B caps these strings (job_type at 64 characters): cut long ones, keeping them unique
+    # long override lists are cut, with a hash that keeps them distinct, for W&B's tables
     return {
         "group": group,
         "name": safe_dirname(name, 128),
@@ -153,7 +153,8 @@ class WandbMaskImages(L.Callback):
     with predicted and ground-truth masks (``wandb.Image(..., masks=...)``) to W&B.
 
     The module's validation step keeps no predictions, so the model is run again on those
-    few samples' batches. Does nothing without a WandbLogger.
+    few samples' batches, on every rank (a sharded model needs all of them in a forward);
+    only rank zero's logger writes. Does nothing without a WandbLogger.
     """
 
     def __init__(self, num_samples: int = 4, threshold: float = 0.5) -> None:
@@ -178,7 +179,7 @@ class WandbMaskImages(L.Callback):
     ) -> None:
         if len(self._items) >= self.num_samples or trainer.sanity_checking:
             return
-        if not trainer.is_global_zero or self._wandb(trainer) is None:
+        if self._wandb(trainer) is None:
             return
         with torch.no_grad():
             predictions = pl_module.model(batch).pred_masks

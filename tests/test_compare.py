@@ -138,15 +138,19 @@ def test_one_job_is_one_group_with_its_value_only(tmp_path: Path):
 
 
 def test_cli_writes_the_report_files(sweep: Path, tmp_path: Path, capsys):
+    other = tmp_path / "unet_sweep"
+    make_job(other, 0, ["model=unet", "seed=0"], dice=0.3, choices={"model": "unet"})
     out = tmp_path / "report"
-    assert main([str(sweep), "--out", str(out)]) == 0
+    assert main([str(sweep), str(other), "--out", str(out)]) == 0
     names = {p.name for p in out.iterdir()}
     assert {"comparison.md", "comparison.csv", "runs.csv"} <= names
     assert {"comparison_bars.png", "training_curves.png"} <= names
     with (out / "runs.csv").open() as f:
         runs = list(csv.DictReader(f))
-    assert len(runs) == 7 and sorted(r["status"] for r in runs).count("failed") == 1
-    assert "| loss |" in capsys.readouterr().out
+    assert len(runs) == 8 and [r["status"] for r in runs].count("failed") == 1
+    assert "| loss | model |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(sweep), str(other)])  # two roots need --out
 
 
 def test_clear_errors_for_bad_input(tmp_path: Path):
