@@ -12,6 +12,15 @@ from sa2va.train import build
 from tests.conftest import FAST_DATA
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors on a shared CPU: extra intra-op threads only wait for busy cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def two_epochs(cfg) -> tuple[list[float], torch.nn.Module]:
     """Per-step losses of two epochs of plain training (same seed -> same batches)."""
     L.seed_everything(0)
