@@ -64,6 +64,7 @@ from sa2va.video import segment_video
 
 log = logging.getLogger(__name__)
 
+CLOCKS = {"wall": "wall clock", "cpu": "this process's CPU time (data waits: wall clock)"}
 DOC_BEGIN = "<!-- sa2va.bench:begin -->"
 DOC_END = "<!-- sa2va.bench:end -->"
 # Config nodes a memory-probe subprocess needs (resolved to plain values in the parent).
@@ -120,12 +121,21 @@ class Results:
 
 
 class Clock:
-    """Wall time that waits for queued GPU work first (a CUDA kernel launch returns at once)."""
+    """Wall time that waits for queued GPU work first (a CUDA kernel launch returns at once),
+    or this process's CPU time (``kind="cpu"``: on a CPU shared with other jobs, and with one
+    intra-op thread, it counts the work done rather than the waiting for a core)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, kind: str = "wall") -> None:
+        if kind not in ("wall", "cpu"):
+            raise ValueError(f"bench.clock must be 'wall' or 'cpu', got {kind!r}")
+        if kind == "cpu" and device.type == "cuda":
+            raise ValueError("bench.clock=cpu cannot time GPU work; use bench.clock=wall")
         self.device = device
+        self.kind = kind
 
     def __call__(self) -> float:
+        if self.kind == "cpu":
+            return time.process_time()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
@@ -188,7 +198,8 @@ class Bench:
         self.device = torch.device(self.opts.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("bench.device=cuda but no CUDA device is available")
-        self.clock = Clock(self.device)
+        self.clock = Clock(self.device, str(self.opts.clock))
+        self.wall = Clock(self.device)  # waiting for data loader workers is not CPU time
         self.repeats = int(self.opts.repeats)
         self.warmup = int(self.opts.warmup)
         self.output_dir = Path(cfg.paths.output_dir)
@@ -445,7 +456,7 @@ def bench_data(bench: Bench) -> Results:
         data_wait, model_time = [], []
         for _ in range(bench.repeats):
             loader = datamodule.train_dataloader()
-            waits, models = loader_loop(bench.clock, loader, loop, int(opts.steps))
+            waits, models = loader_loop(bench.wall, loader, loop, int(opts.steps))
             data_wait.append(statistics.median(waits))
             model_time.append(statistics.median(models))
         rows.append(
@@ -912,7 +923,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         "",
         f"Run {report['date']} at git {report['git_sha'] or 'unknown'}: medians over "
         f"{report['repeats']} interleaved rounds after {report['warmup']} warm-up round(s); "
-        "ratio = A / B.",
+        f"times: {CLOCKS[report['clock']]}; ratio = A / B.",
         "",
     ]
     if report["rows"]:
@@ -974,9 +985,11 @@ def _threads(count: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Lightning's per-fit banners and the single-process DataLoader hints would bury the table."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+def _quiet() -> Iterator[None]:
+    """Per-fit banners (Lightning's, the module's parameter table, the data summary) and the
+    single-process DataLoader hints would bury the table."""
+    names = ("lightning.pytorch", "lightning.fabric", "sa2va.module", "sa2va.data.datamodule")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
@@ -1005,7 +1018,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     load_before = os.getloadavg()
     results = Results()
     wall: dict[str, float] = {}
-    with _quiet_lightning(), _threads(cfg.bench.threads):
+    with _quiet(), _threads(cfg.bench.threads):
         info = machine(bench.device)
         for name in cfg.bench.sections:
             log.info("bench section %s", name)
@@ -1023,6 +1036,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         "load_after": os.getloadavg(),
         "repeats": bench.repeats,
         "warmup": bench.warmup,
+        "clock": bench.clock.kind,
         "section_seconds": wall,
         "rows": [asdict(r) for r in results.rows],
         "measures": [asdict(m) for m in results.measures],

@@ -20,6 +20,7 @@ SMOKE = [
     "bench.warmup=0",
     "bench.progress_bar=false",
     "bench.threads=1",
+    "bench.clock=cpu",
     "bench.train_loop.steps=2",
     "bench.train_loop.warmup_steps=1",
     "bench.data.samples=2",
