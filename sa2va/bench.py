@@ -740,9 +740,8 @@ def memory_probe(
     reset, else the process peak), the process peak from ``getrusage`` and, on CUDA, the peak
     allocated GPU memory; all in MiB.
     """
-    cfg = OmegaConf.create({**config, "bench": {"device": device, "repeats": 1, "warmup": 0}})
-    with open_dict(cfg):
-        cfg.bench.progress_bar = False
+    timing = {"repeats": 1, "warmup": 0, "clock": "wall", "progress_bar": False}
+    cfg = OmegaConf.create({**config, "bench": {"device": device, **timing}})
     if threads:
         torch.set_num_threads(threads)
     bench = Bench(cfg)
