@@ -1,0 +1,167 @@
+"""Export: the seed 001 §6.1 failure (different checkpoints exporting the same model) is
+impossible — nothing pretrained is read and every weight loads strictly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from PIL import Image
+from safetensors.torch import load_file
+
+import sa2va.model.checkpoints as checkpoints
+from sa2va.export import export, load_exported
+from sa2va.freeze import FreezePolicy
+from sa2va.model.checkpoints import load_trained
+from sa2va.model.sa2va import Sa2VA
+from sa2va.train import train
+from sa2va.utils import CONF_DIR, REPO_ROOT
+from tests.conftest import FAST_TRAIN
+from tests.test_checkpoints import LORA, write_training_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoints_at(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[int, Path]:
+    """A tiny run (train(cfg), FAST_TRAIN) keeping its checkpoints after 2 and after 4 steps."""
+    out = tmp_path_factory.mktemp("run")
+    GlobalHydra.instance().clear()
+    overrides = [*FAST_TRAIN, "callbacks.model_checkpoint.save_top_k=-1", "logger=none",
+                 f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}"]  # fmt: skip
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        train(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+    return {
+        step: next((out / "checkpoints").glob(f"best-step{step:06d}-*.ckpt")) for step in (2, 4)
+    }
+
+
+def masks(model: torch.nn.Module) -> torch.Tensor:
+    frames = [Image.new("RGB", (64, 64), (120, 60, 60)), Image.new("RGB", (64, 64), (40, 90, 40))]
+    return model.predict_forward(frames, ["Please segment the blood vessel."])["masks"]
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_two_checkpoints_export_two_models_that_predict_as_their_checkpoints(
+    checkpoints_at, tmp_path
+):
+    exported = {}
+    for name, ckpt in (("two", checkpoints_at[2]), ("four", checkpoints_at[4])):
+        manifest = export(ckpt, tmp_path / name)
+        assert manifest["source_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        assert manifest["lora"] == "none" and manifest["source_kind"] == "lightning"
+        assert json.loads((tmp_path / name / "manifest.json").read_text()) == manifest
+        original, _ = load_trained(ckpt)
+        copy = load_exported(tmp_path / name)
+        assert torch.equal(masks(copy), masks(original))
+        assert same_weights(copy, original)
+        exported[name] = (load_file(tmp_path / name / "model.safetensors"), masks(copy))
+
+    (two, two_masks), (four, four_masks) = exported["two"], exported["four"]
+    assert two.keys() == four.keys()
+    assert sum(not torch.equal(two[k], four[k]) for k in two) > len(two) // 2
+    assert not torch.equal(two_masks, four_masks)
+
+    with pytest.raises(FileExistsError, match="already exists"):
+        export(checkpoints_at[2], tmp_path / "two")
+
+
+def test_export_reads_no_pretrained_file(checkpoints_at, tmp_path, monkeypatch):
+    checkpoint = torch.load(checkpoints_at[2], weights_only=True)
+    checkpoint["sa2va"]["model"]["sam2_ckpt"] = str(tmp_path / "no_such_sam2.pt")
+    moved = tmp_path / "points_at_missing_pretrained.ckpt"
+    torch.save(checkpoint, moved)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pretrained file was read")
+
+    monkeypatch.setattr(checkpoints, "load_sam2_checkpoint", refuse)
+    monkeypatch.setattr(checkpoints, "load_official_sa2va", refuse)
+    monkeypatch.setattr("transformers.InternVLForConditionalGeneration.from_pretrained", refuse)
+    export(moved, tmp_path / "export")
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    assert all(torch.equal(v, state[k]) for k, v in exported.items())
+
+
+def test_lora_merged_or_kept_as_adapter(compose_cfg, tmp_path):
+    cfg = compose_cfg()
+    torch.manual_seed(0)
+    model = Sa2VA(**{k: v for k, v in cfg.model.items() if not k.startswith("_")})
+    FreezePolicy(**LORA).apply(model)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ckpt = tmp_path / "lora.ckpt"
+    write_training_checkpoint(ckpt, model, LORA)
+    reference = masks(load_trained(ckpt)[0])
+
+    assert export(ckpt, tmp_path / "adapter", merge_lora=False)["lora"] == "adapter"
+    adapter = load_file(tmp_path / "adapter" / "model.safetensors")
+    assert any("lora_A" in k for k in adapter)
+    assert torch.equal(masks(load_exported(tmp_path / "adapter")), reference)
+
+    assert export(ckpt, tmp_path / "merged", merge_lora=True)["lora"] == "merged"
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not any("lora_" in k or "base_model" in k for k in merged)
+    assert torch.allclose(masks(load_exported(tmp_path / "merged")), reference, atol=1e-4)
+
+
+DEEPSPEED_SAVE = textwrap.dedent(
+    """
+    import os, sys, torch
+    import deepspeed, deepspeed.comm.torch
+    from sa2va.model.checkpoints import load_trained
+    # the shared-memory all-reduce is an optional speed-up, compiled on first use: skip it
+    deepspeed.comm.torch.build_shm_op = lambda: None
+    model, meta = load_trained(sys.argv[1])
+    holder = torch.nn.Module()
+    holder.model = model  # Lightning's names: model.<...>
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=holder, model_parameters=holder.parameters(),
+                                      config=config)
+    info = {k: meta[k] for k in ("model", "model_class", "freeze", "threshold")}
+    # as Lightning's DeepSpeedStrategy.save_checkpoint: tag "checkpoint", client state
+    engine.save_checkpoint(sys.argv[2], tag="checkpoint",
+                           client_state={"sa2va": info, "global_step": meta["global_step"]})
+    """
+)
+
+
+@pytest.mark.slow  # a DeepSpeed engine in a subprocess: ~10 s of imports and set-up
+def test_deepspeed_zero3_folder_is_consolidated_and_exported(checkpoints_at, tmp_path):
+    two_step_ckpt = checkpoints_at[2]
+    folder = tmp_path / "last.ckpt"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "DS_ACCELERATOR": "cpu"}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_SAVE, str(two_step_ckpt), str(folder)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (folder / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+
+    manifest = export(folder, tmp_path / "export")
+    assert manifest["source_kind"] == "deepspeed" and manifest["global_step"] == 2
+    original, _ = load_trained(two_step_ckpt)
+    copy = load_exported(tmp_path / "export")
+    assert same_weights(copy, original)
+    assert torch.equal(masks(copy), masks(original))
