@@ -29,6 +29,9 @@ def hydra_overrides() -> list[str]:
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
     """Model, losses, freezing, optimiser -> module; a data module using the model's processor."""
+    from sa2va.model.checkpoints import check_pretrained_files
+
+    check_pretrained_files(cfg)  # a real-size model needs its local pretrained files
     model = instantiate(cfg.model)
     module = instantiate(
         cfg.module,
