@@ -27,7 +27,6 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
@@ -59,37 +58,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_model(ckpt_path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """A trained model in eval mode on ``device`` and the checkpoint's metadata."""
+    """A trained model in eval mode on ``device`` and the checkpoint's metadata, through
+    :func:`sa2va.model.checkpoints.load_trained`: nothing pretrained is read and every weight
+    loads strictly, so a checkpoint never falls back to pretrained weights (seed 001 §6.1)."""
+    from sa2va.model.checkpoints import load_trained
+
     path = Path(ckpt_path).expanduser()
-    if not path.is_file():
+    if not path.exists():  # a file, or a DeepSpeed checkpoint folder
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    model, meta = _load_trained(path)
-    return model.to(device).eval(), meta
-
-
-def _load_trained(path: Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the architecture from the checkpoint's own config, then load every weight.
-
-    Nothing pretrained is read (``load_pretrained=False``) and loading is strict, so a
-    checkpoint can never silently fall back to pretrained weights (seed 001 §6.1).
-    """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    info = checkpoint.get("sa2va") if isinstance(checkpoint, Mapping) else None
-    if not info or not info.get("model"):
-        raise ValueError(f"{path}: not a sa2va training checkpoint (no 'sa2va' model config)")
-    model = get_class(info["model_class"])(**info["model"], load_pretrained=False)
-    freeze = info.get("freeze") or {}
-    if freeze.get("lora"):
-        from sa2va.freeze import FreezePolicy
-
-        FreezePolicy(**freeze).apply(model)  # the LoRA structure the weights were saved with
-    state = {
-        k.removeprefix("model."): v
-        for k, v in checkpoint["state_dict"].items()
-        if k.startswith("model.")
-    }
-    model.load_state_dict(state, strict=True)
-    return model, {**info, "datamodule": checkpoint.get("datamodule_hyper_parameters")}
+    return load_trained(path, map_location=device)
 
 
 # ------------------------------------------------------------------ tuned threshold

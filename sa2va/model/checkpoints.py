@@ -433,7 +433,7 @@ def build_untrained(info: Mapping[str, Any], mllm_path: str | None = None) -> nn
     config = dict(info["model"])
     if mllm_path is not None:
         config["mllm"] = {**config["mllm"], "path": mllm_path}
-    path = config["mllm"].get("path")
+    path = (config.get("mllm") or {}).get("path")  # models without an MLLM have none
     if path is not None and not Path(path).expanduser().is_dir():
         raise FileNotFoundError(
             f"model.mllm.path={path}: not found. The trained model's tokenizer and InternVL "
@@ -441,7 +441,7 @@ def build_untrained(info: Mapping[str, Any], mllm_path: str | None = None) -> nn
             "(mllm_path=...)"
         )
     model = get_class(model_class)(**config, load_pretrained=False)
-    if info.get("freeze"):
+    if (info.get("freeze") or {}).get("lora"):
         FreezePolicy(**info["freeze"]).apply(model)
     return model
 
