@@ -108,7 +108,7 @@ def test_data_cache_memory_and_throughput_sections(tmp_path):
     check_rows(report)
     assert len(rows_of(report, "data")) == 2
     cache = rows_of(report, "feature_cache")
-    assert len(cache) == 3 and all(row["identical"] is True for row in cache.values())
+    assert len(cache) == 4 and all(row["identical"] is True for row in cache.values())
     assert " 0 hits" not in cache["cache on: epochs 2+ / epoch 1, s per epoch"]["note"]
     measures = {m["name"]: m for m in report["measures"]}
     before = measures["bare: RSS before the steps (model, data, one batch)"]["value"]
