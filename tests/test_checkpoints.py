@@ -259,6 +259,19 @@ def test_official_partial_load_and_mismatches(model_cfg, tmp_path):
         load_official_sa2va(target, path)
 
 
+def test_model_config_can_start_from_an_official_checkpoint(model_cfg, tmp_path):
+    source = build(model_cfg, seed=0)
+    path = tmp_path / "Sa2VA.pth"
+    torch.save(to_official(source), path)
+    init = {"path": str(path), "include": ["sam2."]}
+    model = build(model_cfg, seed=1, init_from_sa2va=init)
+    assert model.config["init_from_sa2va"] == init  # recorded; rebuilt without reading it
+    assert_same_weights(model.sam2, source.sam2)
+    assert not torch.equal(model.text_hidden_fcs[0].weight, source.text_hidden_fcs[0].weight)
+    missing = {**init, "path": str(tmp_path / "gone.pth")}
+    assert build(model_cfg, seed=1, init_from_sa2va=missing, load_pretrained=False)
+
+
 # --------------------------------------------------------------- (d) training checkpoints
 
 
@@ -327,5 +340,12 @@ def test_real_models_refuse_to_train_without_local_files(compose_cfg, tmp_path):
         check_pretrained_files(cfg)
     cfg = compose_cfg("model=sa2va_1b", f"model.mllm.path={tmp_path}", "model.sam2_ckpt=/no.pt")
     with pytest.raises(FileNotFoundError, match="model.sam2_ckpt=/no.pt: not found"):
+        check_pretrained_files(cfg)
+    cfg = compose_cfg(
+        "model=sa2va_1b", f"model.mllm.path={tmp_path}", f"model.sam2_ckpt={tmp_path / 'x.pt'}",
+        "+model.init_from_sa2va.path=/no/Sa2VA-26B.pth",
+    )  # fmt: skip
+    (tmp_path / "x.pt").touch()
+    with pytest.raises(FileNotFoundError, match="init_from_sa2va.path=/no/Sa2VA-26B.pth"):
         check_pretrained_files(cfg)
     check_pretrained_files(compose_cfg())  # the tiny model needs nothing

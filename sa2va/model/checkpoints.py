@@ -491,5 +491,8 @@ def check_pretrained_files(cfg: Mapping[str, Any]) -> None:
             problems.append(f"model={name} needs {key} (or ${env}): none given")
         elif not exists(Path(str(value)).expanduser()):
             problems.append(f"{key}={value}: not found")
+    init = model.get("init_from_sa2va") or {}
+    if init and not Path(str(init.get("path"))).expanduser().exists():
+        problems.append(f"model.init_from_sa2va.path={init.get('path')}: not found")
     if problems:
         raise FileNotFoundError("; ".join(problems) + " (see docs/real_models.md)")

@@ -67,11 +67,13 @@ class Sa2VA(nn.Module):
         mllm_frames: int = 5,
         system_prompt: str | None = None,
         gradient_checkpointing: bool = False,
+        init_from_sa2va: Mapping[str, Any] | None = None,
         load_pretrained: bool = True,
         name: str = "sa2va",
     ) -> None:
         super().__init__()
         mllm, sam2, projector = to_plain(mllm), to_plain(sam2), to_plain(projector)
+        init_from_sa2va = to_plain(init_from_sa2va)
         self.config = copy.deepcopy(
             {
                 "mllm": dict(mllm),
@@ -82,6 +84,7 @@ class Sa2VA(nn.Module):
                 "mllm_frames": mllm_frames,
                 "system_prompt": system_prompt,
                 "gradient_checkpointing": gradient_checkpointing,
+                "init_from_sa2va": dict(init_from_sa2va) if init_from_sa2va else None,
                 "name": name,
             }
         )
@@ -97,6 +100,10 @@ class Sa2VA(nn.Module):
         self.text_hidden_fcs = build_projector(
             text_dim, self.sam2.sam_prompt_encoder.embed_dim, **(projector or {})
         )
+        if init_from_sa2va and load_pretrained:  # {path, include}: an official Sa2VA checkpoint
+            from sa2va.model.checkpoints import load_official_sa2va
+
+            load_official_sa2va(self, **init_from_sa2va)
         self.seg_token_id = self.tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         self.processor = Sa2VAProcessor(
             tokenizer=self.tokenizer,
