@@ -64,16 +64,16 @@ class Sa2VAModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         losses, _ = self._losses(batch)
         if not torch.isfinite(losses["loss"]):
-            return self._nonfinite("loss", losses)
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            return self._nonfinite("loss", terms)
         batch_size = len(batch["masks"])
         terms = {f"train/loss_{k}": v.detach() for k, v in losses.items() if k != "loss"}
         self.log_dict(terms, batch_size=batch_size)
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=batch_size)
         return losses["loss"]
 
-    def _nonfinite(self, what: str, losses: dict[str, Tensor]) -> None:
-        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-        message = f"non-finite {what} at step {self.global_step} ({terms})"
+    def _nonfinite(self, what: str, detail: str) -> None:
+        message = f"non-finite {what} at step {self.global_step} ({detail})"
         if self.on_nonfinite == "stop":
             raise FloatingPointError(message + "; set module.on_nonfinite=skip to skip such steps")
         self.skipped_steps += 1
@@ -84,7 +84,14 @@ class Sa2VAModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
-            self._nonfinite("gradient", {})
+            bad = [
+                n
+                for n, p in self.named_parameters()
+                if p.grad is not None and not p.grad.isfinite().all()
+            ]
+            self._nonfinite(
+                "gradient", f"{len(bad)} tensors, first {bad[0]}" if bad else "norm overflow"
+            )
             optimizer.zero_grad(set_to_none=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -135,4 +142,9 @@ class Sa2VAModule(L.LightningModule):
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
             "freeze": self.freeze.config,
             "threshold": self.threshold,
+            "skipped_steps": self.skipped_steps,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run goes on counting its skipped steps."""
+        self.skipped_steps = checkpoint.get("sa2va", {}).get("skipped_steps", 0)

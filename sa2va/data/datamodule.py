@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from sa2va.checkpointing import ResumableDataLoader, ResumableSampler
 from sa2va.data.annotations import (
     DEFAULT_CATEGORY_NAMES,
     DEFAULT_VIDEO_PATTERN,
@@ -176,6 +177,7 @@ class OCTDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         split_ratios: Sequence[float] = (0.9, 0.05, 0.05),
         split_seed: int = 0,
+        shuffle_seed: int = 0,
         clip_len: int = 1,
         clip_stride: int = 1,
         eval_clip_len: int | None = None,
@@ -204,6 +206,7 @@ class OCTDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.split_ratios = tuple(float(r) for r in split_ratios)
         self.split_seed = split_seed
+        self.shuffle_seed = shuffle_seed
         self.clip_len, self.clip_stride = clip_len, clip_stride
         self.eval_clip_len, self.max_eval_clip_len = eval_clip_len, max_eval_clip_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -290,14 +293,21 @@ class OCTDataModule(L.LightningDataModule):
     def _loader(self, split: Split, batch_size: int, shuffle: bool) -> DataLoader:
         if self.processor is None:
             raise RuntimeError("OCTDataModule.processor is not set: dm.processor = model.processor")
-        return DataLoader(
-            self.dataset(split),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=self.processor.collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        dataset = self.dataset(split)
+        options = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": self.processor.collate,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if not shuffle:
+            return DataLoader(dataset, **options)
+        # Training order: a permutation per (shuffle_seed + epoch) that a resumed run continues
+        # mid-epoch (sa2va.checkpointing); split over ranks under DDP.
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = ResumableSampler(dataset, self.shuffle_seed, num_replicas=world, rank=rank)
+        return ResumableDataLoader(dataset, sampler=sampler, **options)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

@@ -1,0 +1,172 @@
+"""Atomic, verified checkpoint files; resumable data order; RNG state in checkpoints."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from sa2va.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    ResumableDataLoader,
+    ResumableSampler,
+    rng_states,
+    set_rng_states,
+)
+from sa2va.train import train
+from sa2va.utils import REPO_ROOT
+from tests.conftest import FAST_TRAIN
+
+
+def _checkpoint(value: float = 1.0) -> dict:
+    return {"state_dict": {"w": torch.full((64, 64), value)}, "global_step": 3}
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    path = tmp_path / "ckpts" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(_checkpoint(), path)
+    return path
+
+
+def test_save_then_load_round_trips(saved):
+    loaded = AtomicCheckpointIO().load_checkpoint(saved)
+    assert loaded["global_step"] == 3 and torch.equal(loaded["state_dict"]["w"], torch.ones(64, 64))
+    assert [p.name for p in saved.parent.iterdir()] == ["last.ckpt"]  # no temp file left
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(saved):
+    before = saved.read_bytes()
+    with pytest.raises(Exception, match="pickle"):
+        AtomicCheckpointIO().save_checkpoint({**_checkpoint(2.0), "bad": lambda: None}, saved)
+    assert saved.read_bytes() == before
+    assert [p.name for p in saved.parent.iterdir()] == ["last.ckpt"]
+
+
+def test_a_process_killed_mid_write_leaves_the_previous_checkpoint(saved):
+    """SIGKILL while torch.save is half way through the file: nothing runs afterwards."""
+    script = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from sa2va.checkpointing import AtomicCheckpointIO
+
+        class DieWhilePickled:
+            def __reduce__(self):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        big = {{"state_dict": {{"w": torch.full((512, 512), 2.0)}}, "z": DieWhilePickled()}}
+        AtomicCheckpointIO().save_checkpoint(big, {str(saved)!r})
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True)
+    assert proc.returncode < 0, proc.stderr.decode()[-2000:]
+    loaded = AtomicCheckpointIO().load_checkpoint(saved)
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(64, 64))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b"", "truncated"),
+        (lambda b: b[:4000] + bytes(x ^ 0xFF for x in b[4000:4100]) + b[4100:], "CRC mismatch"),
+        (lambda b: b"\x80\x04garbage" * 100, "truncated or not a checkpoint"),
+    ],
+    ids=["half", "empty", "flipped-bytes", "garbage"],
+)
+def test_a_damaged_checkpoint_fails_with_its_name(saved, damage, message):
+    saved.write_bytes(damage(saved.read_bytes()))
+    with pytest.raises(CheckpointError, match=message) as info:
+        AtomicCheckpointIO().load_checkpoint(saved)
+    assert str(saved) in str(info.value)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "obj": Path("x")}, path)  # any class is code to unpickle
+    with pytest.raises(
+        CheckpointError, match=rf"{path}: .* pickled pathlib.PosixPath, which could run code"
+    ):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_resuming_from_a_corrupt_last_ckpt_says_so(compose_cfg, tmp_path):
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"PK\x03\x04 this is not a whole checkpoint")
+    cfg = compose_cfg(*FAST_TRAIN, "logger=none", f"ckpt_path={ckpt}")
+    with pytest.raises(CheckpointError, match=f"{ckpt}: truncated"):
+        train(cfg)
+    written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert written["status"] == "failed" and str(ckpt) in written["error"]
+
+
+def test_trainer_configs_wire_the_checkpoint_io(compose_cfg):
+    trainer = instantiate(compose_cfg().trainer, logger=False)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert compose_cfg("trainer=deepspeed_stage_3").trainer.plugins is None
+
+
+# ------------------------------------------------------------------ data order
+
+
+def _loader(seed: int = 0) -> ResumableDataLoader:
+    data = list(range(10))
+    return ResumableDataLoader(data, batch_size=3, sampler=ResumableSampler(data, seed=seed))
+
+
+def _epoch(loader: ResumableDataLoader, epoch: int) -> list[list[int]]:
+    loader.sampler.set_epoch(epoch)
+    return [batch.tolist() for batch in loader]
+
+
+def test_order_is_fixed_per_epoch_and_differs_between_epochs():
+    loader = _loader()
+    first = _epoch(loader, 0)
+    assert first == _epoch(_loader(), 0) and first != _epoch(loader, 1)
+    assert sorted(i for batch in first for i in batch) == list(range(10))
+    assert first != _epoch(_loader(seed=1), 0)
+
+
+def test_a_restored_loader_continues_the_interrupted_epoch():
+    loader = _loader()
+    loader.sampler.set_epoch(2)
+    seen = []
+    for batch in loader:
+        seen.append(batch.tolist())
+        if len(seen) == 2:
+            state = loader.state_dict()
+            break
+    assert state == {"epoch": 2, "batches": 2}
+    restored = _loader()
+    restored.load_state_dict(state)
+    rest = _epoch(restored, 2)
+    assert seen + rest == _epoch(_loader(), 2)
+    assert restored.state_dict() == {"epoch": 2, "batches": 4}
+    assert len(_epoch(restored, 3)) == 4  # the skip applies to the interrupted epoch only
+
+
+def test_a_restored_loader_starts_a_later_epoch_in_full():
+    restored = _loader()
+    restored.load_state_dict({"epoch": 1, "batches": 4})  # saved at the end of epoch 1
+    assert _epoch(restored, 2) == _epoch(_loader(), 2)
+
+
+# ------------------------------------------------------------------ RNG state
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save(rng_states(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
