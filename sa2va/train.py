@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from sa2va.config import validate_config
 from sa2va.logging_utils import ablation_keys, log_run_config
 from sa2va.utils import CONF_DIR, atomic_write_json, git_sha, to_float_dict
 
@@ -67,6 +68,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(output_dir),
     }
     try:
+        validate_config(cfg)
         L.seed_everything(cfg.seed, workers=True)
         module, datamodule = build(cfg)
         trainer = build_trainer(cfg, output_dir)

@@ -8,14 +8,23 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import TINY_SYNTH, FakeProcessor, square, write_dataset, write_image
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from sa2va.data.annotations import AnnotationError
 from sa2va.data.datamodule import OCTDataModule, load_rgb, split_videos
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def data_config(option: str) -> DictConfig:
+    """``conf/data/<option>.yaml`` as Hydra composes it (typed schema, ``${seed}`` resolved)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=[f"data={option}"]).data
 
 
 @pytest.fixture(scope="module")
@@ -183,16 +192,16 @@ def test_load_rgb_makes_8bit_rgb(tmp_path: Path, mode: str, dtype, values) -> No
 
 
 def test_hydra_configs_instantiate(tmp_path: Path, cache: Path) -> None:
-    cfg = OmegaConf.load(CONF / "synthetic_oct.yaml")
+    cfg = data_config("synthetic_oct")
     cfg.cache_dir = str(cache)
-    cfg.synthetic = TINY_SYNTH
+    cfg.synthetic = OmegaConf.merge(cfg.synthetic, TINY_SYNTH)  # typed: merge, not assign
     dm = instantiate(cfg)
     assert isinstance(dm, OCTDataModule)
     assert dm.prompt_template == "<image>\nPlease segment the {name}."
     dm.setup()
     assert sum(len(dm.video_ids(s)) for s in ("train", "val", "test")) == 4
 
-    real = OmegaConf.load(CONF / "oct.yaml")
+    real = data_config("oct")
     assert OmegaConf.is_missing(real, "root")
     write_image(tmp_path / "images" / "a.jpg")
     write_dataset(tmp_path, [{"image": "a.jpg", "mask": [{"segmentation": [square(1, 1, 9, 9)]}]}])
