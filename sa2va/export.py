@@ -146,6 +146,15 @@ def load_exported(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def exported_meta(path: str | Path) -> dict[str, Any]:
+    """What eval/predict read from a training checkpoint's metadata, for an export folder
+    (the data settings of training are not exported)."""
+    folder = Path(path).expanduser()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    return {**config, "datamodule": None, "global_step": manifest.get("global_step")}
+
+
 @hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)

@@ -59,13 +59,18 @@ def resolve_device(name: str) -> torch.device:
 
 def load_model(ckpt_path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """A trained model in eval mode on ``device`` and the checkpoint's metadata, through
-    :func:`sa2va.model.checkpoints.load_trained`: nothing pretrained is read and every weight
-    loads strictly, so a checkpoint never falls back to pretrained weights (seed 001 §6.1)."""
+    :func:`sa2va.model.checkpoints.load_trained` (or :func:`sa2va.export.load_exported` for an
+    export folder): nothing pretrained is read and every weight loads strictly, so a
+    checkpoint never falls back to pretrained weights (seed 001 §6.1)."""
     from sa2va.model.checkpoints import load_trained
 
     path = Path(ckpt_path).expanduser()
-    if not path.exists():  # a file, or a DeepSpeed checkpoint folder
+    if not path.exists():  # a file, or a DeepSpeed checkpoint / export folder
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    if (path / "manifest.json").is_file():
+        from sa2va.export import exported_meta, load_exported
+
+        return load_exported(path).to(device), exported_meta(path)
     return load_trained(path, map_location=device)
 
 

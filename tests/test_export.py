@@ -24,6 +24,7 @@ from sa2va.export import export, load_exported
 from sa2va.freeze import FreezePolicy
 from sa2va.model.checkpoints import load_trained
 from sa2va.model.sa2va import Sa2VA
+from sa2va.predict import load_model
 from sa2va.train import train
 from sa2va.utils import CONF_DIR, REPO_ROOT
 from tests.conftest import FAST_TRAIN
@@ -77,6 +78,9 @@ def test_two_checkpoints_export_two_models_that_predict_as_their_checkpoints(
     assert two.keys() == four.keys()
     assert sum(not torch.equal(two[k], four[k]) for k in two) > len(two) // 2
     assert not torch.equal(two_masks, four_masks)
+
+    model, meta = load_model(tmp_path / "four", torch.device("cpu"))  # eval/predict's loader
+    assert torch.equal(masks(model), four_masks) and meta["global_step"] == 4
 
     with pytest.raises(FileExistsError, match="already exists"):
         export(checkpoints_at[2], tmp_path / "two")
