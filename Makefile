@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 SAM2_SPEC ?= sam2==1.1.0
 
-.PHONY: install train test test-all lint sweep-loss sweep-freeze report wandb-sync bench clean
+.PHONY: install train test test-all lint sweep-loss sweep-freeze report wandb-sync bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,19 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check sa2va tests scripts
 	$(PY) -m ruff format --check sa2va tests scripts
+
+sweep-loss: $(STAMP)
+	$(PY) -m sa2va.train -m experiment=ablate_loss $(ARGS)
+
+sweep-freeze: $(STAMP)
+	$(PY) -m sa2va.train -m experiment=ablate_freeze $(ARGS)
+
+# make report SWEEP=outputs/train/multiruns/<sweep dir>
+report: $(STAMP)
+	$(PY) -m sa2va.compare $(SWEEP) $(ARGS)
+
+wandb-sync: $(STAMP)
+	bash scripts/wandb_sync.sh $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m sa2va.bench $(ARGS)
