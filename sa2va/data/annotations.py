@@ -38,6 +38,10 @@ DEFAULT_VIDEO_PATTERN = r"^(?P<video>.+)_frame_(?P<frame>\d+)\.\w+$"
 DEFAULT_CATEGORY_NAMES: dict[int, str] = {1: "blood vessel"}
 BOUNDS_TOLERANCE_PX = 1.0
 OnBadRecord = Literal["error", "skip"]
+# Object names go into the chat prompt: these characters delimit the model's special tokens.
+RESERVED_IN_NAMES = re.compile(r"[<>\[\]]")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+RESERVED_MESSAGE = "'<', '>', '[' and ']' are reserved for the model's tokens ([SEG], <img>, ...)"
 
 
 class AnnotationError(ValueError):
@@ -54,7 +58,9 @@ class BadRecord:
     image: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.file}: record {self.index} ({self.image or '?'}): {self.problem}"
+        """One line, whatever the record holds: control characters are shown escaped."""
+        line = f"{self.file}: record {self.index} ({self.image or '?'}): {self.problem}"
+        return CONTROL_CHARS.sub(lambda m: repr(m[0])[1:-1], line)
 
 
 @dataclass
@@ -113,16 +119,30 @@ def read_annotation_list(path: str | Path) -> list[Any]:
     return data
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name longer than the file system allows
+        return False
+
+
 def resolve_image(root: Path, image: str) -> Path | None:
     """Image paths are relative to the data set root; bare names may live in ``images/``."""
     for cand in (root / image, root / "images" / image):
-        if cand.is_file():
+        if _is_file(cand):
             return cand
     return None
 
 
 def _is_pair(p: Any) -> bool:
     return isinstance(p, list) and len(p) == 2
+
+
+def _finite(c: Real) -> bool:
+    try:
+        return math.isfinite(c)
+    except OverflowError:  # a JSON integer beyond the float range
+        return False
 
 
 def _coords(raw: Any, problems: list[str], where: str) -> np.ndarray | None:
@@ -135,8 +155,8 @@ def _coords(raw: Any, problems: list[str], where: str) -> np.ndarray | None:
     if not all(isinstance(c, Real) and not isinstance(c, bool) for c in raw):
         problems.append(f"{where}: non-numeric coordinate")
         return None
-    if not all(math.isfinite(c) for c in raw):
-        problems.append(f"{where}: NaN or infinite coordinate")
+    if not all(_finite(c) for c in raw):
+        problems.append(f"{where}: NaN, infinite or out-of-range coordinate")
         return None
     if len(raw) % 2:
         problems.append(f"{where}: odd number of coordinates ({len(raw)})")
@@ -165,8 +185,11 @@ def _official_objects(rec: Mapping, problems: list[str]) -> list[ObjectAnnotatio
     names, masks = rec["text"], rec.get("mask")
     if isinstance(names, str):
         names = [names]
-    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
         problems.append("'text' must be a list of non-empty strings")
+        return []
+    if reserved := [n for n in names if RESERVED_IN_NAMES.search(n)]:
+        problems.append(f"object name {reserved[0]!r}: {RESERVED_MESSAGE}")
         return []
     if not isinstance(masks, list) or len(masks) != len(names):
         n = len(masks) if isinstance(masks, list) else type(masks).__name__
@@ -209,7 +232,7 @@ def _mask_file_objects(
         if mask_file
         else [root / "masks" / f"{stem}.png", root / "masks" / f"{stem}_mask.png"]
     )
-    path = next((c for c in cands if c.is_file()), None)
+    path = next((c for c in cands if _is_file(c)), None)
     if path is None:
         if mask_file:
             problems.append(f"mask file not found: {mask_file}")
@@ -218,6 +241,9 @@ def _mask_file_objects(
         return []
     text = rec.get("text")
     name = text[0] if isinstance(text, list) and len(text) == 1 else text
+    if isinstance(name, str) and RESERVED_IN_NAMES.search(name):
+        problems.append(f"object name {name!r}: {RESERVED_MESSAGE}")
+        return []
     return [ObjectAnnotation(name if isinstance(name, str) and name else default_name, [], path)]
 
 
