@@ -124,6 +124,8 @@ class ConfigError(ValueError):
     """A composed config that cannot train; the message says which key and why."""
 
 
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
+
 # a LoRA weight name as peft writes it in this model, to test the freeze rules against
 LORA_PARAMETER = "mllm.model.language_model.base_model.model.layers.0.self_attn.q_proj.lora_A"
 
@@ -190,8 +192,12 @@ def _template_problems(data: DictConfig) -> list[str]:
         return []
     problems = []
     for key, text in (("prompt_template", prompt), ("answer_template", answer)):
-        fields = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
-        if any(f != "name" for f in fields):
+        try:
+            placeholders = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+        except ValueError as e:  # an unmatched brace
+            problems.append(f"data.{key}={text!r}: {e} (write a literal brace as {{{{ or }}}})")
+            continue
+        if any(f != "name" for f in placeholders):
             problems.append(f"data.{key}={text!r}: only the {{name}} placeholder is filled in")
     if answer.count(SEG_TOKEN) != 1:
         problems.append(
@@ -229,6 +235,13 @@ def _unknown_keys(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _is_checkpoint_source(ckpt_path: str) -> bool:
+    """A local file, a DeepSpeed folder, a URL, or one of Lightning's names for a checkpoint."""
+    if ckpt_path in LIGHTNING_CKPT_NAMES or "://" in ckpt_path:
+        return True
+    return Path(ckpt_path).expanduser().exists()
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (one line per problem) for a config that cannot train."""
     problems = _unknown_keys(cfg)
@@ -241,7 +254,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.get("loss") is not None:
         problems += _loss_problems(cfg.loss)
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and not Path(ckpt_path).expanduser().is_file():
-        problems.append(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    if ckpt_path and not _is_checkpoint_source(str(ckpt_path)):
+        problems.append(f"ckpt_path={ckpt_path}: no such checkpoint file or folder")
     if problems:
         raise ConfigError("\n".join(problems))

@@ -94,6 +94,7 @@ NEEDS_CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a 
             "val_check_interval=20 > trainer.max_steps=10",
         ),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt: no such"),
+        (["data.prompt_template='<image> Segment the {name'"], "expected '}' before end of string"),
         (["+loss.w_mak=1"], "loss.w_mak: not a key of LossSchema"),  # `+` may extend a schema
     ],
 )
@@ -128,6 +129,7 @@ def test_every_problem_is_reported_at_once(compose_cfg):
         # LoRA alone on a policy that freezes everything else
         ["freeze=official", "freeze.rules=[{pattern:lora_,trainable:true}]"],
         ["data.prompt_template='Please segment the {name}.'"],  # no <image>: frames go first
+        ["ckpt_path=last"],  # Lightning finds it
     ],
 )
 def test_every_option_extends_its_schema_and_passes(compose_cfg, overrides):
@@ -157,7 +159,7 @@ SECRET = "dummy-secret-3f9c2a"
 
 def test_wandb_key_from_the_environment_never_reaches_run_outputs(compose_cfg, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
-    cfg = compose_cfg(*FAST_TRAIN, "logger=csv")
+    cfg = compose_cfg(*FAST_TRAIN, "logger=csv", "trainer.max_steps=2")
     train(cfg)
     run = Path(cfg.paths.output_dir)
     files = [p for p in run.rglob("*") if p.is_file()]
