@@ -97,6 +97,8 @@ class Row:
         self.met = None
         if self.goal:
             op, value = self.goal.split()
+            if op not in ("<=", ">="):
+                raise ValueError(f"goal {self.goal!r}: write '<= x' or '>= x'")
             self.met = self.ratio <= float(value) if op == "<=" else self.ratio >= float(value)
 
 
@@ -180,15 +182,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 # --------------------------------------------------------------------- building blocks
 
 
-def pad_vocabulary(mllm: torch.nn.Module, vocab_size: int) -> None:
-    """Grow the tiny tokenizer's embedding and LM head to a real model's vocabulary (its cost
-    matters for throughput), keeping whether each one trains."""
-    trains = [m.weight.requires_grad for m in (mllm.get_input_embeddings(), mllm.lm_head)]
-    mllm.resize_token_embeddings(vocab_size, mean_resizing=False)
-    for module, flag in zip((mllm.get_input_embeddings(), mllm.lm_head), trains, strict=True):
-        module.weight.requires_grad_(flag)
-
-
 class Bench:
     """Configuration and helpers shared by the sections."""
 
@@ -205,9 +198,9 @@ class Bench:
         self.output_dir = Path(cfg.paths.output_dir)
         self.precision = str(cfg.trainer.precision)
 
-    def config(self, **nodes: Any) -> DictConfig:
-        """A copy of the composed config with some top-level nodes replaced."""
-        cfg = copy.deepcopy(self.cfg)
+    def config(self, base: DictConfig | None = None, **nodes: Any) -> DictConfig:
+        """A copy of ``base`` (default: the composed config) with top-level nodes replaced."""
+        cfg = copy.deepcopy(base or self.cfg)
         with open_dict(cfg):
             for key, value in nodes.items():
                 if value is not None:
@@ -217,17 +210,20 @@ class Bench:
     def build(self, cfg: DictConfig | None = None) -> tuple[Sa2VAModule, Any]:
         """Seeded module (on the bench device) and set-up data module.
 
-        A real model shape built without its files (``mllm.path`` null) has random weights
-        and the tiny tokenizer; its embeddings are padded to the configured vocabulary so
-        that throughput and memory see the real embedding and LM-head sizes.
+        A real-size model is allowed without its pretrained files (``requires_pretrained``
+        is lifted): it then has random weights and the tiny tokenizer, whose embeddings are
+        padded to the configured vocabulary so that throughput and memory see the real
+        embedding and LM-head sizes.
         """
-        cfg = cfg or self.cfg
+        # speed and memory need the shape, not trained weights: random ones are allowed
+        cfg = self.config(cfg, requires_pretrained=False)
         L.seed_everything(cfg.seed)
         module, datamodule = build(cfg)
         mllm = cfg.model.get("mllm") or {}
         vocab_size = ((mllm.get("config") or {}).get("text_config") or {}).get("vocab_size")
         if mllm and mllm.get("path") is None and vocab_size:  # a real shape, random weights
-            pad_vocabulary(module.model.mllm, int(vocab_size))
+            # new rows are random like the rest; transformers keeps requires_grad
+            module.model.mllm.resize_token_embeddings(int(vocab_size), mean_resizing=False)
         datamodule.setup("fit")
         return module.to(self.device), datamodule
 
@@ -257,7 +253,7 @@ class Bench:
             for name, c in (cfg.callbacks or {}).items()
             if c is not None and not str(c.get("_target_", "")).endswith("ModelCheckpoint")
         }
-        cfg = self.config(trainer=trainer_cfg)
+        cfg = self.config(cfg, trainer=trainer_cfg)
         with open_dict(cfg):
             cfg.callbacks = kept
         trainer = build_trainer(cfg, self.output_dir / "lightning")
@@ -709,7 +705,7 @@ def bench_feature_cache(bench: Bench) -> Results:
         f"freeze={opts.freeze.name}; {len(reference) // epochs} steps per epoch, data loaded in "
         f"the training process (data.num_workers={bench.cfg.data.num_workers}); max |loss "
         f"difference| {diff:.2e} across all runs; cache {stats.get('entries', 0)} entries, "
-        f"{stats.get('mb', 0.0):.1f} MB, {stats.get('hits', 0)} hits / "
+        f"{stats.get('mb', 0.0):.1f} MiB, {stats.get('hits', 0)} hits / "
         f"{stats.get('misses', 0)} misses in the last run"
     )
     comparisons = [

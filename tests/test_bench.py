@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from sa2va.bench import DOC_BEGIN, DOC_END, Row, interleave, run_bench, update_doc
+from sa2va.bench import (
+    DOC_BEGIN,
+    DOC_END,
+    Bench,
+    Row,
+    interleave,
+    run_bench,
+    update_doc,
+)
 from tests.conftest import FAST_DATA
 
 SMOKE = [
@@ -139,3 +147,21 @@ def test_goals_read_as_ratio_bounds():
     assert Row("s", "x", 1.04, 1.0, "s", goal="<= 1.05").met is True
     assert Row("s", "x", 2.0, 1.0, "s", goal=">= 3").met is False
     assert Row("s", "x", 1.0, 1.0, "s").met is None
+    with pytest.raises(ValueError, match="write '<= x' or '>= x'"):
+        Row("s", "x", 1.0, 1.0, "s", goal="< 2")
+
+
+def test_a_real_shape_without_files_gets_its_vocabulary_and_keeps_what_trains(compose_cfg):
+    """Random-weight shapes get the real embedding and LM-head sizes, frozen as configured."""
+    cfg = compose_cfg(
+        *FAST_DATA,
+        "freeze=sam2_frozen",  # the LLM's own weights are frozen
+        "+model.mllm.config.text_config.vocab_size=1500",
+        "model.mllm.path=null",
+        config_name="bench",
+    )
+    module, _ = Bench(cfg).build()
+    mllm = module.model.mllm
+    assert mllm.get_input_embeddings().weight.shape[0] == mllm.lm_head.weight.shape[0] == 1500
+    assert not mllm.get_input_embeddings().weight.requires_grad
+    assert not mllm.lm_head.weight.requires_grad
