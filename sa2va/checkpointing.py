@@ -15,16 +15,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
 import random
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -32,36 +29,11 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from sa2va.utils import atomic_open
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used; the message names the file."""
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
-    """A binary file object whose content replaces ``path`` only once it is fully written.
-
-    Streams (unlike :func:`sa2va.utils.atomic_write_bytes`, which takes the bytes): a
-    multi-GB checkpoint never sits in memory twice.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not on every FS)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _is_remote(path: str | Path) -> bool:
