@@ -977,7 +977,8 @@ def update_doc(path: Path, fragment: str) -> None:
     text = path.read_text() if path.is_file() else ""
     if DOC_BEGIN in text and DOC_END in text:
         head, rest = text.split(DOC_BEGIN, 1)
-        text = head + block + rest.split(DOC_END, 1)[1].lstrip("\n")
+        tail = rest.split(DOC_END, 1)[1]
+        text = head + block + tail.removeprefix("\n")  # the block brought its own newline
     else:
         text = (text.rstrip("\n") + "\n\n" if text else "") + block
     atomic_write_bytes(path, text.encode())
