@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m sa2va.bench [bench.sections=[data,memory]] [bench.doc=docs/bench.md]``.
+"""Benchmarks: ``python -m sa2va.bench [bench.sections=[data,memory]] [bench.doc=README.md]``.
 
 Every comparison runs its variants in this one process, interleaved: warm-up rounds first,
 then ``bench.repeats`` rounds that alternate the order (A B, B A, ...), and the row reports
