@@ -27,7 +27,7 @@ EXPECTED = {
     ),
     "official": {
         "vision": False,
-        "mm_connector": False,
+        "mm_connector": True,  # official trains mlp1 (vision-to-LLM projector)
         "llm": None,  # embed_tokens and lm_head only
         "lora": True,
         "projector": True,
