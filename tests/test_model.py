@@ -36,12 +36,33 @@ def test_processor_supervises_only_the_answers_and_expands_image_tokens(model):
     tok = model.tokenizer
     ids, labels = sample["input_ids"], sample["labels"]
     supervised = tok.decode(ids[labels != IGNORE_INDEX])
-    assert supervised == "Sure, [SEG].<|im_end|>\nSure, [SEG].<|im_end|>\n"
+    # as the official encoding: the end-of-turn token is supervised, the `\n` after it not
+    assert supervised == "Sure, [SEG].<|im_end|>Sure, [SEG].<|im_end|>"
     context_id = tok.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     # two frames, one tile each, image_seq_length tokens per tile
     assert (ids == context_id).sum() == 2 * model.processor.image_seq_length
     assert sample["pixel_values"].shape[0] == 2
     assert sample["g_pixel_values"].shape == (2, 3, 256, 256)
+
+
+def test_prompt_text_follows_the_official_template(model):
+    """Frames' `<img>` blocks joined by `\n` (no `FrameN:`), qwen_chat turns, an open
+    assistant turn for generation, no BOS for this tokenizer."""
+    sample = model.processor(frames(2), ["<image>Please segment the artery."], None)
+    image = "<img>" + IMG_CONTEXT_TOKEN * model.processor.image_seq_length + "</img>"
+    assert model.tokenizer.decode(sample["input_ids"]) == (
+        f"<|im_start|>user\n{image}\n{image}Please segment the artery.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert (sample["labels"] == IGNORE_INDEX).all()
+
+
+def test_vocabulary_has_the_official_special_tokens_in_order(model):
+    tok = model.tokenizer
+    ids = tok.convert_tokens_to_ids(["[SEG]", "<p>", "</p>", "<vp>", "</vp>"])
+    assert ids == list(range(len(tok) - 5, len(tok)))
+    assert model.mllm.get_input_embeddings().num_embeddings == len(tok)
+    assert model.mllm.lm_head.weight.shape[0] == len(tok)
 
 
 def test_key_frames_bound_the_image_tokens(model):

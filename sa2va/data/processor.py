@@ -1,7 +1,12 @@
 """Frames + prompts -> model inputs: InternVL tiles, SAM2 view, chat tokens with labels.
 
-One processor belongs to one model (its tokenizer, tile size and SAM2 resolution); the data
-module calls it in its workers so batches arrive ready for the model.
+One processor belongs to one model (its tokenizer, chat template, tile size and SAM2
+resolution); the data module calls it in its workers so batches arrive ready for the model.
+The text follows the official Sa2VA (training encoding and `predict_forward`): the model's
+chat template, its tokenizer's BOS if any, frames' `<img>...</img>` blocks joined by `\n`,
+and answers supervised up to and including the template's end-of-turn suffix, not the
+separator after it. A single image is tiled dynamically (InternVL's rule, up to `max_tiles`
+tiles plus a thumbnail); each frame of a video is one tile.
 """
 
 from __future__ import annotations
@@ -16,18 +21,18 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from sa2va.model.mllm import (
+    CHAT_TEMPLATES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
+    ChatTemplate,
+    bos_ids,
 )
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
-USER_TURN = "<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
-ASSISTANT_TURN = "{text}<|im_end|>\n"
-SYSTEM_TURN = "<|im_start|>system\n{text}<|im_end|>\n"
 
 
 def key_frame_indices(num_frames: int, max_frames: int) -> list[int]:
@@ -49,8 +54,10 @@ class Sa2VAProcessor:
         mask_size: int | None = None,
         mllm_frames: int = 5,
         system_prompt: str | None = None,
+        template: ChatTemplate = CHAT_TEMPLATES["qwen_chat"],
     ) -> None:
         self.tokenizer = tokenizer
+        self.template = template
         self.image_processor = image_processor
         self.image_seq_length = image_seq_length
         self.sam2_image_size = sam2_image_size
@@ -68,34 +75,38 @@ class Sa2VAProcessor:
         return (pixels.permute(2, 0, 1) - self._mean) / self._std
 
     def image_text(self, tiles_per_frame: Sequence[int]) -> str:
+        """`<img>` + context tokens + `</img>` per frame, joined by `\n` (no frame labels)."""
         context = IMG_CONTEXT_TOKEN * self.image_seq_length
-        blocks = [f"{IMG_START_TOKEN}{context * n}{IMG_END_TOKEN}" for n in tiles_per_frame]
-        if len(blocks) > 1:
-            blocks = [f"Frame{i + 1}: {b}" for i, b in enumerate(blocks)]
-        return "\n".join(blocks)
-
-    def __call__(
-        self,
-        frames: Sequence[Image.Image],
-        prompts: Sequence[str],
-        answers: Sequence[str] | None,
-    ) -> dict[str, Tensor]:
-        """Encode one sample; `answers=None` leaves the last assistant turn open (generation)."""
-        keys = key_frame_indices(len(frames), self.mllm_frames)
-        vision = self.image_processor(
-            images=[frames[k].convert("RGB") for k in keys], return_tensors="pt"
+        return "\n".join(
+            f"{IMG_START_TOKEN}{context * n}{IMG_END_TOKEN}" for n in tiles_per_frame
         )
-        image_text = self.image_text(vision["num_patches"].tolist())
-        ids: list[int] = []
-        labels: list[int] = []
+
+    def vision_inputs(self, frames: Sequence[Image.Image]) -> dict[str, Tensor]:
+        """InternVL tiles: one image is tiled dynamically, each video frame is one tile."""
+        tile = len(frames) == 1 and self.image_processor.max_patches > 1
+        return self.image_processor(
+            images=[f.convert("RGB") for f in frames],
+            crop_to_patches=tile,
+            return_tensors="pt",
+        )
+
+    def encode(
+        self, prompts: Sequence[str], answers: Sequence[str], image_text: str
+    ) -> tuple[list[int], list[int]]:
+        """Token ids and labels of a conversation; with one answer fewer than prompts the
+        last turn is left open for generation (ends with the assistant header)."""
+        if len(answers) not in (len(prompts), len(prompts) - 1):
+            raise ValueError(f"{len(prompts)} prompts need as many answers (or one fewer)")
+        template = self.template
+        bos = bos_ids(self.tokenizer)
+        ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
 
         def add(text: str, supervised: bool) -> None:
             piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids.extend(piece)
             labels.extend(piece if supervised else [IGNORE_INDEX] * len(piece))
 
-        if self.system_prompt:
-            add(SYSTEM_TURN.format(text=self.system_prompt), False)
+        system = template.system.format(system=self.system_prompt) if self.system_prompt else ""
         for turn, prompt in enumerate(prompts):
             if turn == 0:
                 prompt = (
@@ -103,9 +114,25 @@ class Sa2VAProcessor:
                     if IMAGE_PLACEHOLDER in prompt
                     else f"{image_text}\n{prompt}"
                 )
-            add(USER_TURN.format(text=prompt.replace(IMAGE_PLACEHOLDER, "")), False)
-            if answers is not None:
-                add(ASSISTANT_TURN.format(text=answers[turn]), True)
+            text = template.instruction.format(input=prompt.replace(IMAGE_PLACEHOLDER, ""))
+            add(system + text if turn == 0 else text, False)
+            if turn < len(answers):
+                add(answers[turn] + template.suffix, True)
+                add(template.sep, False)
+        return ids, labels
+
+    def __call__(
+        self,
+        frames: Sequence[Image.Image],
+        prompts: Sequence[str],
+        answers: Sequence[str] | None,
+    ) -> dict[str, Tensor]:
+        """Encode one sample; `answers` one shorter than `prompts` (or None for one prompt)
+        leaves the last assistant turn open (generation)."""
+        keys = key_frame_indices(len(frames), self.mllm_frames)
+        vision = self.vision_inputs([frames[k] for k in keys])
+        image_text = self.image_text(vision["num_patches"].tolist())
+        ids, labels = self.encode(prompts, answers or [], image_text)
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),

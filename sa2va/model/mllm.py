@@ -1,8 +1,14 @@
-"""InternVL (HF-native `InternVLForConditionalGeneration`), its tokenizer and image processor.
+"""InternVL (HF-native `InternVLForConditionalGeneration`), its tokenizer, image processor
+and chat template.
 
-Real models load from a local `OpenGVLab/InternVL3-*-hf` directory; the tiny model is built
-from an `InternVLConfig` and a byte-level BPE tokenizer trained here, so nothing touches a
-hub and no remote code runs.
+Real models load from a local folder: an `OpenGVLab/InternVL3-*-hf` folder, or an official
+folder (a `ByteDance/Sa2VA-*` release or an `OpenGVLab/InternVL*` original, converted by
+`sa2va.model.official`); the tiny model is built from an `InternVLConfig` and a byte-level BPE
+tokenizer trained here, so nothing touches a hub and no remote code runs.
+
+Every model gets the official Sa2VA vocabulary (`SA2VA_SPECIAL_TOKENS` added, embeddings
+resized to the tokenizer), and ties `lm_head` to the embeddings only when its text config
+says so (`tie_like_text_config`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+# Added by the official Sa2VA to every tokenizer, in this order (so the ids match its releases)
+SA2VA_SPECIAL_TOKENS = [SEG_TOKEN, "<p>", "</p>", "<vp>", "</vp>"]
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -37,7 +45,6 @@ _TINY_CORPUS = [
     "Segment vessels and optic disc.",
     "Sure, it is done. There is no vessel in this image.",
     "user assistant system You are a helpful medical imaging assistant.",
-    "Frame1: Frame2: Frame3: Frame4: Frame5: Frame6: Frame7: Frame8:",
     "artery vein capillary retina choroid layer OCT optical coherence tomography scan",
     "the a an of in on and or to with from for is are this that these what where which",
     "0 1 2 3 4 5 6 7 8 9 , . ; : ! ? ( ) [ ] < > / -",
@@ -65,8 +72,90 @@ def build_tiny_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerFast:
         pad_token="<|endoftext|>",
         additional_special_tokens=specials[3:],
     )
-    tokenizer.add_tokens([SEG_TOKEN], special_tokens=True)
+    tokenizer.add_tokens(SA2VA_SPECIAL_TOKENS, special_tokens=True)
     return tokenizer
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One of the official Sa2VA prompt templates (xtuner's, as its configs name them).
+
+    A turn is `instruction.format(input=prompt)` (not supervised), then the answer and
+    `suffix` (supervised: the suffix ends the answer, the official `SUFFIX_AS_EOS`), then
+    `sep` (not supervised).
+    """
+
+    system: str
+    instruction: str
+    suffix: str
+    sep: str
+
+
+_IM_TEMPLATE = ChatTemplate(
+    system="<|im_start|>system\n{system}<|im_end|>\n",
+    instruction="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+    suffix="<|im_end|>",
+    sep="\n",
+)
+CHAT_TEMPLATES: dict[str, ChatTemplate] = {
+    "qwen_chat": _IM_TEMPLATE,  # Sa2VA-1B, Sa2VA-InternVL3-*
+    "internlm2_chat": _IM_TEMPLATE,  # Sa2VA-8B, Sa2VA-26B (same text; the BOS differs)
+    "phi3_chat": ChatTemplate(  # Sa2VA-4B
+        system="<|system|>\n{system}<|end|>\n",
+        instruction="<|user|>\n{input}<|end|>\n<|assistant|>\n",
+        suffix="<|end|>",
+        sep="\n",
+    ),
+}
+# the official template of each LLM family, for folders that do not name one of ours
+DEFAULT_TEMPLATES = {
+    "qwen2": "qwen_chat",
+    "internlm2": "internlm2_chat",
+    "llama": "internlm2_chat",  # InternLM2 as transformers' HF-native InternVL holds it
+    "phi3": "phi3_chat",
+}
+
+
+def chat_template(name: str) -> ChatTemplate:
+    """The template called `name` in the official configs (`template` in config.json)."""
+    if name not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat template {name!r}; known: {sorted(CHAT_TEMPLATES)}")
+    return CHAT_TEMPLATES[name]
+
+
+def default_template(text_model_type: str) -> str:
+    """The official template of an LLM family (`model_type` of the text config)."""
+    if text_model_type not in DEFAULT_TEMPLATES:
+        raise ValueError(
+            f"no default chat template for LLM family {text_model_type!r}: set "
+            f"model.mllm.template to one of {sorted(CHAT_TEMPLATES)}"
+        )
+    return DEFAULT_TEMPLATES[text_model_type]
+
+
+def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The BOS the official code puts before a conversation: the tokenizer's own (InternLM2:
+    `<s>`), none for Qwen tokenizers (xtuner's rule; Qwen's `encode` adds none either)."""
+    if tokenizer.bos_token_id is None or type(tokenizer).__name__.startswith("Qwen"):
+        return []
+    return [tokenizer.bos_token_id]
+
+
+def tie_like_text_config(config: InternVLConfig) -> InternVLConfig:
+    """Tie `lm_head` to the embeddings exactly when the text config says so.
+
+    `InternVLConfig` ties at the top level by default even when its text config is untied;
+    a checkpoint load then silently overwrites one matrix with the other.
+    """
+    config.tie_word_embeddings = bool(config.text_config.tie_word_embeddings)
+    return config
+
+
+def add_sa2va_vocabulary(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Add the official special tokens the tokenizer lacks (a Sa2VA release has them)."""
+    missing = [t for t in SA2VA_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
 
 
 @dataclass
@@ -77,6 +166,7 @@ class MLLMParts:
     tokenizer: PreTrainedTokenizerBase
     image_processor: GotOcr2ImageProcessorPil
     image_seq_length: int  # LLM tokens per image tile
+    template: ChatTemplate
 
 
 def image_seq_length(config: InternVLConfig) -> int:
@@ -91,65 +181,107 @@ def build_mllm(
     config: Mapping[str, Any] | None = None,
     tokenizer_vocab_size: int = 1000,
     max_tiles: int = 1,
+    template: str | None = None,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     load_weights: bool = True,
 ) -> MLLMParts:
-    """Build InternVL from a local HF directory (`path`) or from config kwargs (tiny).
+    """Build InternVL from a local folder (`path`) or from config kwargs (tiny, planner).
 
-    `load_weights=False` builds the architecture of `path` without reading its weights
-    (used when a full trained checkpoint is loaded next, so nothing pretrained can leak
-    into an export).
+    `path` is an `InternVL*-hf` folder or an official one (Sa2VA release, InternVL original;
+    see `sa2va.model.official`). `max_tiles` bounds InternVL's dynamic tiling of a single
+    image (a thumbnail is added when it tiles); each video frame is one tile. `template` names
+    the chat template (None: the folder's own, else its LLM family's). `load_weights=False`
+    builds the architecture of `path` without reading its weights (used when a full trained
+    checkpoint is loaded next, so nothing pretrained can leak into an export).
     """
     torch_dtype = getattr(torch, dtype)
+    folder_template = None
     if path is not None:
-        from transformers import AutoTokenizer
+        from sa2va.model.official import is_official_folder, load_official_mllm
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        image_processor = GotOcr2ImageProcessorPil.from_pretrained(path)
-        if load_weights:
-            from sa2va.model.checkpoints import check_loading_info
-
-            model, loading_info = InternVLForConditionalGeneration.from_pretrained(
-                path,
-                dtype=torch_dtype,
-                attn_implementation=attn_implementation,
-                output_loading_info=True,
+        if is_official_folder(path):
+            model, tokenizer, image_processor, folder_template = load_official_mllm(
+                path, torch_dtype, attn_implementation, load_weights
             )
-            check_loading_info(loading_info, f"InternVL checkpoint {path}")
         else:
-            hf_config = InternVLConfig.from_pretrained(path)
-            hf_config._attn_implementation = attn_implementation
-            model = InternVLForConditionalGeneration(hf_config).to(torch_dtype)
+            model, tokenizer, image_processor = _load_hf_folder(
+                path, torch_dtype, attn_implementation, load_weights
+            )
+        add_sa2va_vocabulary(tokenizer)
+        if model.get_input_embeddings().num_embeddings != len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))  # as the official code always does
     elif config is not None:
-        tokenizer = build_tiny_tokenizer(tokenizer_vocab_size)
-        # A real-size config keeps its own vocab_size (the planner needs the true embedding
-        # shapes); the tiny model's vocabulary is its tokenizer's.
-        vocab_size = max(config["text_config"].get("vocab_size", 0), len(tokenizer))
-        hf_config = InternVLConfig(
-            **{k: v for k, v in config.items() if k not in ("vision_config", "text_config")},
-            vision_config=dict(config["vision_config"]),
-            text_config={**config["text_config"], "vocab_size": vocab_size},
-            image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN),
-        )
-        hf_config._attn_implementation = attn_implementation
-        model = InternVLForConditionalGeneration(hf_config).to(torch_dtype)
-        size = hf_config.vision_config.image_size[0]
-        image_processor = GotOcr2ImageProcessorPil(
-            size={"height": size, "width": size},
-            image_mean=IMAGENET_MEAN,
-            image_std=IMAGENET_STD,
+        model, tokenizer, image_processor = _build_from_config(
+            config, tokenizer_vocab_size, torch_dtype, attn_implementation
         )
     else:
-        raise ValueError("model.mllm needs either `path` (local HF checkpoint) or `config`")
+        raise ValueError("model.mllm needs either `path` (local checkpoint folder) or `config`")
 
     image_processor.crop_to_patches = max_tiles > 1
+    image_processor.min_patches = 1
     image_processor.max_patches = max_tiles
-    if SEG_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([SEG_TOKEN], special_tokens=True)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
     model.config.text_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return MLLMParts(model, tokenizer, image_processor, image_seq_length(model.config))
+    name = template or folder_template or default_template(model.config.text_config.model_type)
+    return MLLMParts(
+        model, tokenizer, image_processor, image_seq_length(model.config), chat_template(name)
+    )
+
+
+def imagenet_image_processor(size: int) -> GotOcr2ImageProcessorPil:
+    """InternVL's preprocessing: `size`-px tiles, ImageNet normalisation (tiling set later)."""
+    return GotOcr2ImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    )
+
+
+def _load_hf_folder(
+    path: str, torch_dtype: torch.dtype, attn_implementation: str, load_weights: bool
+) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase, GotOcr2ImageProcessorPil]:
+    """An `InternVL*-hf` folder (transformers' own layout), tied as its text config says."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    image_processor = GotOcr2ImageProcessorPil.from_pretrained(path)
+    hf_config = tie_like_text_config(InternVLConfig.from_pretrained(path))
+    hf_config._attn_implementation = attn_implementation
+    if not load_weights:
+        return InternVLForConditionalGeneration(hf_config).to(torch_dtype), tokenizer, image_processor
+    from sa2va.model.checkpoints import check_loading_info
+
+    model, loading_info = InternVLForConditionalGeneration.from_pretrained(
+        path,
+        config=hf_config,
+        dtype=torch_dtype,
+        attn_implementation=attn_implementation,
+        output_loading_info=True,
+    )
+    check_loading_info(loading_info, f"InternVL checkpoint {path}")
+    return model, tokenizer, image_processor
+
+
+def _build_from_config(
+    config: Mapping[str, Any],
+    tokenizer_vocab_size: int,
+    torch_dtype: torch.dtype,
+    attn_implementation: str,
+) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase, GotOcr2ImageProcessorPil]:
+    """Random weights from config kwargs, with the tiny tokenizer.
+
+    A real-size config keeps its own `vocab_size` (the planner needs the true embedding
+    shapes); the tiny model's vocabulary is its tokenizer's.
+    """
+    tokenizer = build_tiny_tokenizer(tokenizer_vocab_size)
+    vocab_size = max(config["text_config"].get("vocab_size", 0), len(tokenizer))
+    hf_config = InternVLConfig(
+        **{k: v for k, v in config.items() if k not in ("vision_config", "text_config")},
+        vision_config=dict(config["vision_config"]),
+        text_config={**config["text_config"], "vocab_size": vocab_size},
+        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN),
+    )
+    tie_like_text_config(hf_config)
+    hf_config._attn_implementation = attn_implementation
+    model = InternVLForConditionalGeneration(hf_config).to(torch_dtype)
+    return model, tokenizer, imagenet_image_processor(hf_config.vision_config.image_size[0])

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from sa2va.data.processor import Sa2VAProcessor
 from sa2va.model.feature_cache import FeatureCache, cached_encoders
 from sa2va.model.mllm import SEG_TOKEN, build_mllm
+from sa2va.model.official import is_sa2va_release, load_release_heads, release_has_sam2
 from sa2va.model.sam2 import build_sam2, decode_masks, encode_images, upsample
 from sa2va.utils import to_plain
 
@@ -41,6 +42,19 @@ def batch_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str,
     moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     moved["g_pixel_values"] = [g.to(device) for g in batch["g_pixel_values"]]
     return moved
+
+
+def _release_sam2(mllm_path: str | None, sam2_ckpt: str | None) -> bool:
+    """Whether SAM 2 comes from the Sa2VA release at `mllm_path` (when it holds one)."""
+    if not is_sa2va_release(mllm_path) or not release_has_sam2(mllm_path):
+        return False
+    if sam2_ckpt:
+        raise ValueError(
+            f"model.mllm.path={mllm_path} is a Sa2VA release holding SAM 2, and "
+            f"model.sam2_ckpt={sam2_ckpt} gives another: set model.sam2_ckpt=null to use the "
+            "release's SAM 2, or point model.mllm.path at an InternVL folder"
+        )
+    return True
 
 
 @dataclass
@@ -92,6 +106,7 @@ class Sa2VA(nn.Module):
         self.mllm = parts.model
         self.tokenizer = parts.tokenizer
         self.sam2 = build_sam2(sam2)
+        release_sam2 = load_pretrained and _release_sam2(mllm.get("path"), sam2_ckpt)
         if sam2_ckpt and load_pretrained:
             from sa2va.model.checkpoints import load_sam2_checkpoint
 
@@ -100,6 +115,8 @@ class Sa2VA(nn.Module):
         self.text_hidden_fcs = build_projector(
             text_dim, self.sam2.sam_prompt_encoder.embed_dim, **(projector or {})
         )
+        if load_pretrained and is_sa2va_release(mllm.get("path")):
+            load_release_heads(self, mllm["path"], with_sam2=release_sam2)
         if init_from_sa2va and load_pretrained:  # {path, include}: an official Sa2VA checkpoint
             from sa2va.model.checkpoints import load_official_sa2va
 
@@ -109,6 +126,7 @@ class Sa2VA(nn.Module):
             tokenizer=self.tokenizer,
             image_processor=parts.image_processor,
             image_seq_length=parts.image_seq_length,
+            template=parts.template,
             sam2_image_size=self.sam2.image_size,
             mask_size=mask_size,
             mllm_frames=mllm_frames,
@@ -248,11 +266,10 @@ class Sa2VA(nn.Module):
     ) -> tuple[dict[str, Tensor], list[str]]:
         """Generate each turn's answer in order, feeding earlier answers back as history."""
         answers: list[str] = []
+        suffix = self.processor.template.suffix
         for turn in range(len(prompts)):
-            sample = self.processor(frames, prompts[: turn + 1], answers + [""])
-            # Drop the empty last answer's end-of-turn tokens: generation starts here.
-            tail = len(self.tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"])
-            input_ids = sample["input_ids"][:-tail].unsqueeze(0).to(device)
+            sample = self.processor(frames, prompts[: turn + 1], answers)
+            input_ids = sample["input_ids"].unsqueeze(0).to(device)
             generated = self.mllm.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -261,6 +278,6 @@ class Sa2VA(nn.Module):
                 do_sample=False,
             )
             new_tokens = generated[0, input_ids.shape[1] :]
-            answers.append(self.tokenizer.decode(new_tokens, skip_special_tokens=False))
-            answers[-1] = answers[-1].split("<|im_end|>")[0]
+            text = self.tokenizer.decode(new_tokens, skip_special_tokens=False)
+            answers.append(text.split(suffix)[0])
         return self.processor(frames, prompts, answers), answers
