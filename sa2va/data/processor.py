@@ -77,9 +77,7 @@ class Sa2VAProcessor:
     def image_text(self, tiles_per_frame: Sequence[int]) -> str:
         """`<img>` + context tokens + `</img>` per frame, joined by `\n` (no frame labels)."""
         context = IMG_CONTEXT_TOKEN * self.image_seq_length
-        return "\n".join(
-            f"{IMG_START_TOKEN}{context * n}{IMG_END_TOKEN}" for n in tiles_per_frame
-        )
+        return "\n".join(f"{IMG_START_TOKEN}{context * n}{IMG_END_TOKEN}" for n in tiles_per_frame)
 
     def vision_inputs(self, frames: Sequence[Image.Image]) -> dict[str, Tensor]:
         """InternVL tiles: one image is tiled dynamically, each video frame is one tile."""

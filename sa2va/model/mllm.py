@@ -248,7 +248,8 @@ def _load_hf_folder(
     hf_config = tie_like_text_config(InternVLConfig.from_pretrained(path))
     hf_config._attn_implementation = attn_implementation
     if not load_weights:
-        return InternVLForConditionalGeneration(hf_config).to(torch_dtype), tokenizer, image_processor
+        model = InternVLForConditionalGeneration(hf_config).to(torch_dtype)
+        return model, tokenizer, image_processor
     from sa2va.model.checkpoints import check_loading_info
 
     model, loading_info = InternVLForConditionalGeneration.from_pretrained(
@@ -262,18 +263,14 @@ def _load_hf_folder(
     return model, tokenizer, image_processor
 
 
-def _build_from_config(
-    config: Mapping[str, Any],
-    tokenizer_vocab_size: int,
-    torch_dtype: torch.dtype,
-    attn_implementation: str,
-) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase, GotOcr2ImageProcessorPil]:
-    """Random weights from config kwargs, with the tiny tokenizer.
+def internvl_config(
+    config: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase
+) -> InternVLConfig:
+    """A model config's `mllm.config` kwargs -> `InternVLConfig`, tied as its text config says.
 
     A real-size config keeps its own `vocab_size` (the planner needs the true embedding
     shapes); the tiny model's vocabulary is its tokenizer's.
     """
-    tokenizer = build_tiny_tokenizer(tokenizer_vocab_size)
     vocab_size = max(config["text_config"].get("vocab_size", 0), len(tokenizer))
     hf_config = InternVLConfig(
         **{k: v for k, v in config.items() if k not in ("vision_config", "text_config")},
@@ -281,7 +278,18 @@ def _build_from_config(
         text_config={**config["text_config"], "vocab_size": vocab_size},
         image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN),
     )
-    tie_like_text_config(hf_config)
+    return tie_like_text_config(hf_config)
+
+
+def _build_from_config(
+    config: Mapping[str, Any],
+    tokenizer_vocab_size: int,
+    torch_dtype: torch.dtype,
+    attn_implementation: str,
+) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase, GotOcr2ImageProcessorPil]:
+    """Random weights from config kwargs, with the tiny tokenizer."""
+    tokenizer = build_tiny_tokenizer(tokenizer_vocab_size)
+    hf_config = internvl_config(config, tokenizer)
     hf_config._attn_implementation = attn_implementation
     model = InternVLForConditionalGeneration(hf_config).to(torch_dtype)
     return model, tokenizer, imagenet_image_processor(hf_config.vision_config.image_size[0])

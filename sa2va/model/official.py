@@ -185,7 +185,8 @@ def read_safetensors(path: str | Path, keep: Callable[[str], bool]) -> dict[str,
     tensors = {}
     for shard in shards:
         with safe_open(str(shard), framework="pt") as handle:
-            tensors.update({k: handle.get_tensor(k) for k in handle.keys() if keep(k)})
+            names = handle.keys()  # a safetensors handle is not a mapping
+            tensors.update({k: handle.get_tensor(k) for k in names if keep(k)})
     return tensors
 
 
@@ -225,9 +226,12 @@ def load_internvl_weights(model: InternVLForConditionalGeneration, path: str | P
 
 def load_official_mllm(
     path: str | Path, torch_dtype: torch.dtype, attn_implementation: str, load_weights: bool
-) -> tuple[InternVLForConditionalGeneration, PreTrainedTokenizerBase, GotOcr2ImageProcessorPil, str]:
-    """Model, tokenizer, image processor and the `template` named by an official folder."""
-    from sa2va.model.mllm import IMG_CONTEXT_TOKEN, CHAT_TEMPLATES, imagenet_image_processor
+) -> tuple[
+    InternVLForConditionalGeneration, PreTrainedTokenizerBase, GotOcr2ImageProcessorPil, str | None
+]:
+    """Model, tokenizer, image processor and the `template` named by an official folder
+    (None when it names none of the official Sa2VA templates)."""
+    from sa2va.model.mllm import CHAT_TEMPLATES, IMG_CONTEXT_TOKEN, imagenet_image_processor
 
     cfg = read_folder_config(path)
     source = f"{Path(path).expanduser() / 'config.json'}"
@@ -273,6 +277,7 @@ def release_has_sam2(path: str | Path) -> bool:
 
     for shard in sorted(Path(path).expanduser().glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as handle:
-            if any(k.startswith("grounding_encoder.") for k in handle.keys()):
+            names = handle.keys()
+            if any(k.startswith("grounding_encoder.") for k in names):
                 return True
     return False
