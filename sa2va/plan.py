@@ -598,7 +598,8 @@ def plan(cfg: DictConfig) -> dict[str, Any]:
         micro_batch=micro,
         frames=frames,
         llm_frames=min(frames, int(cfg.model.get("mllm_frames", 5))),
-        tiles_per_frame=max_tiles + 1 if max_tiles > 1 else 1,
+        # a single image is tiled (at most max_tiles + a thumbnail); a video frame is 1 tile
+        tiles_per_frame=max_tiles + 1 if max_tiles > 1 and frames == 1 else 1,
         prompts=int(pcfg.prompts),
         text_tokens=int(pcfg.text_tokens),
     )

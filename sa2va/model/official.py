@@ -169,8 +169,9 @@ def load_official_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     except (ValueError, OSError) as error:
         raise ValueError(
             f"{path}: its tokenizer cannot be loaded without remote code ({error}). "
-            "InternLM2-based folders (Sa2VA-8B/26B) name InternLM2Tokenizer: save a "
-            "transformers-native tokenizer (tokenizer.json) into the folder first."
+            "InternLM2-based folders (Sa2VA-8B/26B) name InternLM2Tokenizer, which is "
+            "remote code: give the folder a transformers-native tokenizer (tokenizer.json and "
+            "a tokenizer_config.json naming a transformers class) that encodes identically"
         ) from error
 
 
