@@ -9,8 +9,8 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from sa2va.data.processor import IGNORE_INDEX
-from sa2va.model.mllm import IMG_CONTEXT_TOKEN
+from sa2va.data.processor import IGNORE_INDEX, Sa2VAProcessor
+from sa2va.model.mllm import CHAT_TEMPLATES, IMG_CONTEXT_TOKEN, build_tiny_tokenizer
 from sa2va.model.sa2va import Sa2VA
 from sa2va.module import Sa2VAModule
 from tests.test_freeze import synthetic_batch
@@ -55,6 +55,28 @@ def test_prompt_text_follows_the_official_template(model):
         "<|im_start|>assistant\n"
     )
     assert (sample["labels"] == IGNORE_INDEX).all()
+
+
+def test_phi3_template_and_a_bos_tokenizer_as_the_official_code(model):
+    """Sa2VA-4B's phi3_chat turns; a tokenizer with a BOS (InternLM2) starts the
+    conversation with it once, unsupervised (xtuner: no BOS after a suffix-as-EOS turn)."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    processor = Sa2VAProcessor(
+        tokenizer=tokenizer,
+        image_processor=model.processor.image_processor,
+        image_seq_length=1,
+        sam2_image_size=64,
+        template=CHAT_TEMPLATES["phi3_chat"],
+    )
+    sample = processor(frames(1), ["<image>A?", "B?"], ["Sure, [SEG].", "No."])
+    ids, labels = sample["input_ids"], sample["labels"]
+    assert ids[0] == tokenizer.bos_token_id and (ids == tokenizer.bos_token_id).sum() == 1
+    assert tokenizer.decode(ids[1:]) == (
+        "<|user|>\n<img><IMG_CONTEXT></img>A?<|end|>\n<|assistant|>\nSure, [SEG].<|end|>\n"
+        "<|user|>\nB?<|end|>\n<|assistant|>\nNo.<|end|>\n"
+    )
+    assert tokenizer.decode(ids[labels != IGNORE_INDEX]) == "Sure, [SEG].<|end|>No.<|end|>"
 
 
 def test_vocabulary_has_the_official_special_tokens_in_order(model):
