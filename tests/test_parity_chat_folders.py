@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from sa2va.model.checkpoints import CheckpointMismatchError
 from sa2va.model.mllm import SA2VA_SPECIAL_TOKENS, build_mllm
+from sa2va.model.official import official_internvl_config
 from sa2va.model.sam2 import build_sam2
 from tests.test_parity_chat import RELEASE, build_release_model
 
@@ -127,3 +128,31 @@ def test_qwen_vl_based_sa2va_is_refused_plainly(tmp_path):
     edit_json(folder / "config.json", as_qwen_vl)
     with pytest.raises(ValueError, match="Qwen2.5-VL / Qwen3-VL are not"):
         build_mllm(path=str(folder))
+
+
+def test_internlm2_and_intern_vit_6b_configs_convert_to_hf_native():
+    """Sa2VA-26B's shape of config.json (InternViT-6B: RMSNorm, QK-norm, no qkv bias;
+    InternLM2 with dynamic RoPE scaling) -> Llama text config, untied as it says."""
+    cfg = json.loads((RELEASE / "config.json").read_text())
+    cfg["vision_config"].update(norm_type="rms_norm", qk_normalization=True, qkv_bias=False)
+    cfg["llm_config"] = {
+        "model_type": "internlm2",
+        "architectures": ["InternLM2ForCausalLM"],
+        "vocab_size": 92558,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 1000000,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        "bias": False,
+        "tie_word_embeddings": False,
+    }
+    hf = official_internvl_config(cfg, image_token_id=92546, source="test")
+    vision, text = hf.vision_config, hf.text_config
+    assert vision.norm_type == "rms_norm" and vision.use_qk_norm and not vision.attention_bias
+    assert text.model_type == "llama" and text.vocab_size == 92558
+    assert (text.num_attention_heads, text.num_key_value_heads) == (4, 2)
+    assert text.rope_parameters["rope_type"] == "dynamic" and not text.attention_bias
+    assert hf.tie_word_embeddings is False and hf.image_token_id == 92546
