@@ -177,6 +177,8 @@ def test_no_config_reads_or_holds_a_wandb_key():
 def test_no_code_trusts_remote_code_or_unpickles_user_files():
     for path in (REPO_ROOT / "sa2va").rglob("*.py"):
         text = path.read_text()
-        assert "trust_remote_code" not in text, path
+        # only ever to refuse it: an auto_map in config.json makes transformers ask otherwise
+        uses = re.findall(r"trust_remote_code\W*\w*", text)
+        assert all(u == "trust_remote_code=False" for u in uses), (path, uses)
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path}: {call}"
