@@ -105,14 +105,21 @@ def _write_project(folder: Path, model: nn.Module, meta: dict[str, Any], merged:
     return [WEIGHTS]
 
 
-def _write_official(
-    folder: Path, model: nn.Module, template: str | None, max_shard_size: str | int
+def write_official_release(
+    model: nn.Module,
+    folder: str | Path,
+    template: str | None = None,
+    max_shard_size: str | int = "5GB",
 ) -> list[str]:
-    """The official HF release layout (see the module docstring); returns the weight files."""
+    """Write ``model`` (a :class:`~sa2va.model.sa2va.Sa2VA`, LoRA merged) into ``folder`` in
+    the official HF release layout (see the module docstring); returns the weight files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     text = model.mllm.config.text_config
     state = sa2va_to_release(model.state_dict(), text.model_type, text.num_key_value_heads)
     files = write_release_weights(state, folder, max_shard_size)
     config = release_config(model.mllm.config, model.mllm.dtype, template)
+    # the rows the file holds (official tools/convert_to_hf.py: len(tokenizer))
     config["llm_config"]["vocab_size"] = model.mllm.get_input_embeddings().num_embeddings
     atomic_write_json(folder / "config.json", config)
     model.tokenizer.save_pretrained(folder)
@@ -151,7 +158,7 @@ def export(
         if format == "project":
             weights = _write_project(tmp, model, meta, merged)
         else:
-            weights = _write_official(tmp, model, template, max_shard_size)
+            weights = write_official_release(model, tmp, template, max_shard_size)
         manifest = {
             "format": EXPORT_FORMAT if format == "project" else OFFICIAL_FORMAT,
             "source_checkpoint": str(source.resolve()),

@@ -10,6 +10,7 @@ live on the meta device, so a 26B release costs no memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,13 +18,26 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
-from safetensors import safe_open
+from safetensors.torch import load_file
 
-from sa2va.model.checkpoints import compare_state_dict, official_to_sa2va
-from sa2va.model.release_layout import sa2va_to_official, sa2va_to_release
+from sa2va.model.checkpoints import (
+    compare_state_dict,
+    official_to_sa2va,
+    read_state_dict,
+    split_internlm2_wqkv,
+)
+from sa2va.model.release_layout import (
+    NoOfficialNameError,
+    fuse_internlm2_wqkv,
+    sa2va_to_official,
+    sa2va_to_release,
+    write_release_weights,
+)
 from sa2va.model.releases import (
     RELEASES,
     Release,
+    TextSpec,
+    VisionSpec,
     on_meta,
     release_from_config,
     release_shapes,
@@ -45,13 +59,17 @@ SAM2_V2_0_FLAGS = {
 }
 
 
+def load_sam2_fixture() -> dict[str, torch.Tensor]:
+    return torch.load(FIXTURE / "sam2_tiny_v2_0.pt", weights_only=True)["model"]
+
+
 def test_shapes_match_the_official_tiny_chat_model():
     """The shape formulas reproduce a checkpoint the official code wrote, key for key."""
-    release = release_from_config("sa2va_chat_tiny", json.loads((CHAT / "config.json").read_text()), None)
-    with safe_open(CHAT / "model.safetensors", "pt") as f:
-        official = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    sam2 = torch.load(FIXTURE / "sam2_tiny_v2_0.pt", weights_only=True)["model"]
-    sam2 = {k: tuple(v.shape) for k, v in sam2.items()}
+    release = release_from_config(
+        "sa2va_chat_tiny", json.loads((CHAT / "config.json").read_text()), None
+    )
+    official = {k: tuple(v.shape) for k, v in load_file(CHAT / "model.safetensors").items()}
+    sam2 = {k: tuple(v.shape) for k, v in load_sam2_fixture().items()}
     assert sam2_shapes(FIXTURE / "sam2_tiny_v2_0.yaml") == sam2
     shapes = release_shapes(release, sam2)
     grounding = {k: s for k, s in shapes.items() if k.startswith("grounding_encoder.")}
@@ -98,3 +116,83 @@ def test_release_layout_loads_strictly_into_its_config(compose_cfg, name):
     to_layout = sa2va_to_official if release.layout == "xtuner" else sa2va_to_release
     back = to_layout(ours, text.model_type, text.num_key_value_heads)
     assert {k: tuple(v.shape) for k, v in back.items()} == release_shapes(release)
+
+
+# ------------------------------------------------------------- bit-exact round trips
+
+
+def official_release_state() -> dict[str, torch.Tensor]:
+    """The official tiny chat model as its release holds it: the MLLM file plus SAM 2 under
+    ``grounding_encoder.sam2_model.`` with ``.gamma`` renamed ``.g_weight``."""
+    state = load_file(CHAT / "model.safetensors")
+    for key, tensor in load_sam2_fixture().items():
+        state["grounding_encoder.sam2_model." + key.replace(".gamma", ".g_weight")] = tensor
+    return state
+
+
+def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+def test_official_fixture_round_trip_is_bit_exact():
+    official = official_release_state()
+    ours = official_to_sa2va(official, "qwen2", num_heads=2, num_kv_heads=1)
+    assert any(k.endswith("attention.k_proj.weight") for k in ours)  # InternViT qkv was split
+    assert_bit_equal(sa2va_to_release(ours, "qwen2", num_kv_heads=1), official)
+
+
+# InternViT-6B style vision (no qkv bias, qk-norm, RMSNorm) and InternLM2 text with 4 query
+# heads per KV head: the layouts of Sa2VA-26B at a size whose real tensors cost nothing.
+SMALL_INTERNLM2 = Release(
+    "small-InternLM2-Sa2VA",
+    VisionSpec(16, 2, 2, 32, qkv_bias=False, qk_norm=True, norm="rms_norm", image=56, patch=14),
+    TextSpec("internlm2", 64, 2, 8, 2, 96, 40),
+    config="",
+)
+
+
+@pytest.mark.parametrize("layout", ["hf_release", "xtuner"])
+def test_internlm2_and_sam2_round_trip_is_bit_exact(layout):
+    release = dataclasses.replace(SMALL_INTERNLM2, layout=layout)
+    sam2 = {k: tuple(v.shape) for k, v in load_sam2_fixture().items()}
+    official = synthetic_state(release_shapes(release, sam2), device="cpu", seed=3)
+    assert any(k.endswith("attention.wqkv.weight") for k in official)
+    gamma = ".g_weight" if layout == "hf_release" else ".gamma"
+    assert any(k.endswith(f"fuser.layers.0{gamma}") for k in official)
+    ours = official_to_sa2va(official, "llama", num_heads=8, num_kv_heads=2)
+    assert "mllm.model.language_model.layers.0.self_attn.k_proj.weight" in ours
+    assert "sam2.memory_encoder.fuser.layers.0.gamma" in ours
+    back = (sa2va_to_release if layout == "hf_release" else sa2va_to_official)(ours, "llama", 2)
+    assert_bit_equal(back, official)
+
+
+def test_wqkv_fusion_is_the_inverse_of_the_split():
+    rows = torch.arange(16.0).view(8, 2)  # 2 KV groups of rows [q, q, k, v], width 2
+    q, k, v = split_internlm2_wqkv(rows, num_heads=4, num_kv_heads=2)
+    assert torch.equal(fuse_internlm2_wqkv(q, k, v, num_kv_heads=2), rows)
+
+
+def test_keys_without_an_official_name_are_refused():
+    ours = official_to_sa2va(official_release_state(), "qwen2", num_heads=2, num_kv_heads=1)
+    with pytest.raises(NoOfficialNameError, match="extra.weight: no official name"):
+        sa2va_to_release({**ours, "extra.weight": torch.zeros(1)}, "qwen2", 1)
+    vision_k = "mllm.model.vision_tower.encoder.layer.0.attention.k_proj.weight"
+    with pytest.raises(NoOfficialNameError, match="cannot fuse q/k/v"):
+        sa2va_to_release({k: v for k, v in ours.items() if k != vision_k}, "qwen2", 1)
+    lora = "mllm.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    with pytest.raises(ValueError, match="unmerged LoRA"):
+        sa2va_to_release({**ours, lora: torch.zeros(1)}, "qwen2", 1)
+
+
+def test_large_weights_are_sharded_with_an_index(tmp_path):
+    official = official_release_state()
+    files = write_release_weights(official, tmp_path, max_shard_size=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(files) > 2 and set(index["weight_map"]) == set(official)
+    assert sorted(set(index["weight_map"].values())) == sorted(files[:-1])
+    assert_bit_equal(read_state_dict(tmp_path), official)
+    single = tmp_path / "single"
+    single.mkdir()
+    assert write_release_weights(official, single) == ["model.safetensors"]
