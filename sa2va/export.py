@@ -21,9 +21,9 @@ complete)::
     tokenizer files    the trained tokenizer (with its added tokens)
     manifest.json      as above
 
-The official modeling code is not part of this project: copy the ``*.py`` files of the
-official ``projects/sa2va/hf/models/`` (what the official ``tools/convert_to_hf.py`` copies)
-into the folder, then ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` runs it.
+The official modeling code is not part of this project (and this project never runs remote
+code): copy the ``*.py`` files of the official ``projects/sa2va/hf/models/`` into the folder,
+as the official ``tools/convert_to_hf.py`` does, and the official Sa2VA loads it from there.
 
 Seed 001 §6.1 cannot happen here: the architecture is rebuilt from the checkpoint's own
 config with ``load_pretrained=False`` (no pretrained file is opened) and every weight must

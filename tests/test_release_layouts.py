@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
 from sa2va.model.checkpoints import (
@@ -42,9 +42,11 @@ from sa2va.model.releases import (
     release_from_config,
     release_shapes,
     sam2_shapes,
+    sam2_yaml_path,
     synthetic_state,
 )
-from sa2va.utils import to_plain
+from sa2va.model.sam2 import build_sam2
+from sa2va.utils import CONF_DIR, to_plain
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_sa2va"
 CHAT = FIXTURE / "sa2va_chat_tiny"
@@ -196,3 +198,38 @@ def test_large_weights_are_sharded_with_an_index(tmp_path):
     single = tmp_path / "single"
     single.mkdir()
     assert write_release_weights(official, single) == ["model.safetensors"]
+
+
+# ------------------------------------------------------------ SAM 2 release files
+
+
+# this project's SAM 2.1 Hiera-L (mirrors the sam2 package's sam2.1_hiera_l.yaml)
+PROJECT_HIERA_L = Path(CONF_DIR) / "model" / "sam2" / "hiera_l.yaml"
+
+
+def project_sam2(**flags) -> torch.nn.Module:
+    """SAM 2 Hiera-L as this project's config builds it (with ``flags``), on meta."""
+    with on_meta():
+        return build_sam2({**OmegaConf.to_container(OmegaConf.load(PROJECT_HIERA_L)), **flags})
+
+
+@pytest.mark.parametrize(
+    "release_yaml, flags",
+    [("sam2/sam2_hiera_l.yaml", SAM2_V2_0_FLAGS), ("sam2.1/sam2.1_hiera_l.yaml", {})],
+    ids=["sam2_hiera_large.pt", "sam2.1_hiera_large.pt"],
+)
+def test_sam2_release_files_load_strictly(release_yaml, flags):
+    """Meta's ``{"model": state_dict}`` files, shapes from the sam2 package's own yamls."""
+    release = {"model": synthetic_state(sam2_shapes(sam2_yaml_path(release_yaml)))}
+    report = compare_state_dict(project_sam2(**flags), release["model"], release_yaml)
+    assert report.ok, report.summary()
+
+
+def test_a_sam2_0_file_does_not_fit_a_sam2_1_graph():
+    sam2_0 = synthetic_state(sam2_shapes(sam2_yaml_path("sam2/sam2_hiera_l.yaml")))
+    report = compare_state_dict(project_sam2(), sam2_0, "sam2_hiera_large.pt")
+    assert sorted(report.missing) == [
+        "no_obj_embed_spatial",
+        "obj_ptr_tpos_proj.bias",
+        "obj_ptr_tpos_proj.weight",
+    ]
