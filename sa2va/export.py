@@ -114,7 +114,6 @@ def write_official_release(
     """Write ``model`` (a :class:`~sa2va.model.sa2va.Sa2VA`, LoRA merged) into ``folder`` in
     the official HF release layout (see the module docstring); returns the weight files."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     text = model.mllm.config.text_config
     state = sa2va_to_release(model.state_dict(), text.model_type, text.num_key_value_heads)
     files = write_release_weights(state, folder, max_shard_size)

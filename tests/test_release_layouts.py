@@ -156,14 +156,22 @@ SMALL_INTERNLM2 = Release(
 
 
 @pytest.mark.parametrize("layout", ["hf_release", "xtuner"])
-def test_internlm2_and_sam2_round_trip_is_bit_exact(layout):
+def test_internlm2_and_sam2_round_trip_is_bit_exact(layout, tmp_path):
+    """Written as the release writes its files (a safetensors folder, or xtuner's
+    ``{"state_dict": ...}`` .pth), read by the project's reader, mapped in and back out."""
     release = dataclasses.replace(SMALL_INTERNLM2, layout=layout)
     sam2 = {k: tuple(v.shape) for k, v in load_sam2_fixture().items()}
     official = synthetic_state(release_shapes(release, sam2), device="cpu", seed=3)
     assert any(k.endswith("attention.wqkv.weight") for k in official)
     gamma = ".g_weight" if layout == "hf_release" else ".gamma"
     assert any(k.endswith(f"fuser.layers.0{gamma}") for k in official)
-    ours = official_to_sa2va(official, "llama", num_heads=8, num_kv_heads=2)
+    if layout == "hf_release":
+        path = tmp_path / "Sa2VA-small"
+        write_release_weights(official, path, max_shard_size=100_000)
+    else:
+        path = tmp_path / "Sa2VA-small.pth"
+        torch.save({"state_dict": official, "meta": {"iter": 1}}, path)
+    ours = official_to_sa2va(read_state_dict(path), "llama", num_heads=8, num_kv_heads=2)
     assert "mllm.model.language_model.layers.0.self_attn.k_proj.weight" in ours
     assert "sam2.memory_encoder.fuser.layers.0.gamma" in ours
     back = (sa2va_to_release if layout == "hf_release" else sa2va_to_official)(ours, "llama", 2)

@@ -324,6 +324,7 @@ def write_release_weights(
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     state = _unshared(state)
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():

@@ -23,6 +23,11 @@ Sources of the numbers (the releases' ``config.json``: ``llm_config`` / ``vision
   (151,679 / 92,558); ``text_hidden_fcs`` maps the LLM width to SAM 2's 256.
 * SAM 2.0 Hiera-L (``sam2_hiera_large.pt``, the SAM 2 of every Sa2VA): the ``sam2``
   package's own ``configs/sam2/sam2_hiera_l.yaml``.
+
+The InternVL2.5-4B, -8B and InternVL3-2B numbers were cross-checked against copies of their
+``config.json`` in public code (the code search corpus); Sa2VA-4B's template and the +5
+vocabulary come from the official Sa2VA code (``tools/convert_to_hf.py`` sets
+``vocab_size = len(tokenizer)``).
 """
 
 from __future__ import annotations
