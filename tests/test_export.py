@@ -17,18 +17,21 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 import sa2va.model.checkpoints as checkpoints
-from sa2va.export import export, load_exported
+from sa2va.export import export, load_exported, write_official_release
 from sa2va.freeze import FreezePolicy
-from sa2va.model.checkpoints import load_trained
+from sa2va.model.checkpoints import load_official_sa2va, load_trained, read_state_dict
+from sa2va.model.releases import release_from_config, release_shapes
 from sa2va.model.sa2va import Sa2VA
 from sa2va.predict import load_model
 from sa2va.train import train
 from sa2va.utils import CONF_DIR, REPO_ROOT
 from tests.conftest import FAST_TRAIN
 from tests.test_checkpoints import LORA, write_training_checkpoint
+from tests.test_release_layouts import CHAT, FIXTURE, assert_bit_equal, official_release_state
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +134,8 @@ DEEPSPEED_SAVE = textwrap.dedent(
     """
     import os, sys, torch
     import deepspeed, deepspeed.comm.torch
-    from sa2va.model.checkpoints import load_trained
+    from sa2va.model.checkpoints import load_official_sa2va, load_trained, read_state_dict
+from sa2va.model.releases import release_from_config, release_shapes
     # the shared-memory all-reduce is an optional speed-up, compiled on first use: skip it
     deepspeed.comm.torch.build_shm_op = lambda: None
     model, meta = load_trained(sys.argv[1])
@@ -168,3 +172,91 @@ def test_deepspeed_zero3_folder_is_consolidated_and_exported(checkpoints_at, tmp
     copy = load_exported(tmp_path / "export")
     assert same_weights(copy, original)
     assert torch.equal(masks(copy), masks(original))
+
+
+# ------------------------------------------------------- the official HF release layout
+
+
+def fixture_model() -> Sa2VA:
+    """A project model with the architecture of the official tiny chat model (fixture 3:
+    its config.json numbers) and the fixture's tiny SAM 2.0; its vocabulary resized to the
+    fixture's 371 rows."""
+    from omegaconf import OmegaConf
+
+    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 64, "attention_bias": True, "use_qk_norm": False,
+              "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "hidden_act": "gelu",
+              "image_size": [448, 448], "patch_size": [14, 14]}  # fmt: skip
+    text = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 128,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+            "tie_word_embeddings": False}  # fmt: skip
+    config = {"downsample_ratio": 0.5, "vision_feature_layer": -1, "tie_word_embeddings": False,
+              "vision_config": vision, "text_config": text}  # fmt: skip
+    sam2 = OmegaConf.to_container(OmegaConf.load(FIXTURE / "sam2_tiny_v2_0.yaml").model)
+    model = Sa2VA(mllm={"path": None, "config": config}, sam2=sam2, load_pretrained=False)
+    model.mllm.resize_token_embeddings(371)
+    return model
+
+
+def test_official_release_in_project_model_out_is_bit_exact(tmp_path):
+    """Official layout in, through the project's loader and model, official layout out."""
+    official = official_release_state()
+    source = tmp_path / "Sa2VA-tiny"
+    source.mkdir()
+    save_file(official, source / "model.safetensors")
+    model = fixture_model()
+    assert load_official_sa2va(model, source).ok
+    files = write_official_release(model, tmp_path / "out")
+    assert files == ["model.safetensors"]
+    assert_bit_equal(load_file(tmp_path / "out" / "model.safetensors"), official)
+
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    reference = json.loads((CHAT / "config.json").read_text())
+    assert reference["auto_map"].items() <= written["auto_map"].items()
+    for key in ("architectures", "model_type", "template", "select_layer", "downsample_ratio",
+                "force_image_size", "dynamic_image_size", "use_thumbnail", "min_dynamic_patch",
+                "max_dynamic_patch", "ps_version", "pad2square", "hidden_size",
+                "tie_word_embeddings", "use_backbone_lora", "use_llm_lora"):  # fmt: skip
+        assert written[key] == reference[key], key
+    for key, value in written["vision_config"].items():
+        assert value == reference["vision_config"][key], key
+    llm, reference_llm = written["llm_config"], reference["llm_config"]
+    for key in ("architectures", "model_type", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "rms_norm_eps", "max_position_embeddings", "hidden_act",
+                "tie_word_embeddings"):  # fmt: skip
+        assert llm[key] == reference_llm[key], key
+    assert llm["rope_theta"] == reference_llm["rope_parameters"]["rope_theta"]
+
+
+def test_export_format_official_merges_lora_and_loads_back(compose_cfg, tmp_path):
+    cfg = compose_cfg()
+    model_cfg = {k: v for k, v in cfg.model.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    model = Sa2VA(**model_cfg)
+    FreezePolicy(**LORA).apply(model)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ckpt = tmp_path / "lora.ckpt"
+    write_training_checkpoint(ckpt, model, LORA)
+    with pytest.raises(ValueError, match="format=official needs merge_lora=true"):
+        export(ckpt, tmp_path / "adapter", merge_lora=False, format="official")
+
+    out = tmp_path / "release"
+    manifest = export(ckpt, out, format="official")
+    assert manifest["format"] == "sa2va-official-release/1" and manifest["lora"] == "merged"
+    weights = read_state_dict(out)
+    assert not any("lora_" in k or "base_model" in k for k in weights)
+    assert any(k.endswith(".g_weight") for k in weights)  # SAM 2's layer scale, release name
+    # config.json describes exactly the file: the shapes it implies are the file's shapes
+    sam2 = {k: tuple(v.shape) for k, v in model.sam2.state_dict().items()}
+    release = release_from_config("export", json.loads((out / "config.json").read_text()), None)
+    assert release_shapes(release, sam2) == {k: tuple(v.shape) for k, v in weights.items()}
+    assert "[SEG]" in AutoTokenizer.from_pretrained(out).get_vocab()
+
+    fresh = Sa2VA(**model_cfg, load_pretrained=False)
+    assert load_official_sa2va(fresh, out).ok
+    model.merge_lora()
+    assert same_weights(fresh, model)
