@@ -10,10 +10,11 @@ mask (official comments that out). Training and inference share this path.
 :class:`LanguagePromptedSAM2` adds it to ``SAM2Base`` by subclassing, together with the
 official video propagation (conditioning frames prompted by [SEG], then SAM2 memory).
 
-The `sam2` package is imported lazily: at import time it calls Hydra's
+The `sam2` package is imported through :func:`import_sam2`: at import time it calls Hydra's
 `initialize_config_module("sam2")` whenever GlobalHydra is not initialised, which would
 break this project's own `@hydra.main` apps and `hydra.compose` in tests. SAM2 is built
-from this repo's `conf/model/sam2/*.yaml` with `hydra.utils.instantiate` instead of
+from this repo's `conf/model/sam2/*.yaml` (SAM 2.0 ``hiera_*``, as every official Sa2VA;
+SAM 2.1 ``hiera_*_v2_1``) with `hydra.utils.instantiate` instead of
 `sam2.build_sam.build_sam2`.
 """
 
