@@ -153,7 +153,7 @@ class LanguagePromptedSAM2(SAM2Base):
     Build it from ``conf/model/sam2/*.yaml`` (``_target_`` names this class). The public
     methods are the single-frame decode used in training (:meth:`image_features`,
     :meth:`decode_language`) and the official video propagation (:meth:`propagate`);
-    everything else is SAM2's own code.
+    everything else is SAM2's own code (its click-prompted ``track_step`` is left as is).
     """
 
     @property
