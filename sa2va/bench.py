@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sa2va.data.datamodule import load_rgb
 from sa2va.model.sa2va import batch_to_device
-from sa2va.model.sam2 import decode_masks, encode_images, upsample
+from sa2va.model.sam2 import upsample
 from sa2va.module import Sa2VAModule
 from sa2va.train import build, build_trainer, hydra_overrides
 from sa2va.utils import CONF_DIR, atomic_write_bytes, atomic_write_json, git_sha
@@ -602,8 +602,9 @@ def bench_inference(bench: Bench) -> Results:
         for start in range(0, n, batch_size):
             chunk = frames[start : start + batch_size]
             images = torch.stack([model.processor.sam2_view(f) for f in chunk]).to(bench.device)
-            features = encode_images(model.sam2, images)
-            masks = decode_masks(model.sam2, features, prompts.expand(len(chunk), -1))
+            features = model.sam2.image_features(images)
+            decoded = model.sam2.decode_language(features, prompts.expand(len(chunk), -1))
+            masks = decoded.low_res_masks[:, 0]
             logits += list(upsample(masks, model.processor.mask_size).unsqueeze(1))
         return logits
 

@@ -88,6 +88,7 @@ class LossSchema:
     num_points: Optional[int] = MISSING
     oversample_ratio: float = MISSING
     importance_sample_ratio: float = MISSING
+    mask_resolution: str = "full"  # full | low_res (SAM2 low-res logits, loss=official)
 
 
 @dataclass

@@ -2,6 +2,12 @@
 
 Every term is returned separately for logging; only terms with a non-zero weight enter
 the total, so a weight of 0 in an ablation really removes that term's gradient.
+
+Resolution. The official Sa2VA computes its mask losses on SAM2's low-resolution logits
+(image_size/4: 256 for a 1024 SAM2) against the ground truth nearest-downsampled to that
+size (``mask_resolution="low_res"``, ``loss=official``). The user's losses keep the full
+resolution (``"full"``: logits upsampled to the mask size): nearest downsampling by 4
+drops most pixels of a 1-2 px wide vessel, so thin vessels would vanish from the target.
 """
 
 from __future__ import annotations
@@ -45,6 +51,17 @@ def uncertain_point_coords(
     return torch.cat([picked, random], dim=1)
 
 
+MASK_RESOLUTIONS = ("full", "low_res")
+
+
+def nearest_resize(masks: Tensor, size_hw: tuple[int, int]) -> Tensor:
+    """(..., H, W) binary masks -> (..., h, w) by nearest neighbour (as the official loss)."""
+    if tuple(masks.shape[-2:]) == tuple(size_hw):
+        return masks
+    flat = masks.reshape(-1, 1, *masks.shape[-2:]).float()
+    return F.interpolate(flat, size_hw, mode="nearest").reshape(*masks.shape[:-2], *size_hw)
+
+
 class Sa2VALoss(nn.Module):
     """Loss of the joint model; weights come from `conf/loss/*.yaml`."""
 
@@ -62,9 +79,15 @@ class Sa2VALoss(nn.Module):
         num_points: int | None = None,
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
+        mask_resolution: str = "full",
         name: str = "custom",
     ) -> None:
         super().__init__()
+        if mask_resolution not in MASK_RESOLUTIONS:
+            raise ValueError(
+                f"loss mask_resolution must be one of {MASK_RESOLUTIONS}, got {mask_resolution!r}"
+            )
+        self.mask_resolution = mask_resolution
         self.weights = {
             "bce": w_mask,
             "dice": w_dice,
@@ -105,9 +128,29 @@ class Sa2VALoss(nn.Module):
         return terms
 
     def forward(
-        self, pred_masks: list[Tensor], gt_masks: list[Tensor], lm_loss: Tensor | None
+        self,
+        pred_masks: list[Tensor],
+        gt_masks: list[Tensor],
+        lm_loss: Tensor | None,
+        low_res_masks: list[Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """`pred_masks`/`gt_masks`: per sample (T, M, H, W). Returns each term and `loss`."""
+        """`pred_masks`/`gt_masks`: per sample (T, M, H, W). Returns each term and `loss`.
+
+        With ``mask_resolution="low_res"`` the mask terms use ``low_res_masks`` (per sample
+        (T, M, h, w) SAM2 low-resolution logits) and the ground truth nearest-downsampled.
+        """
+        if self.mask_resolution == "low_res":
+            if low_res_masks is None:
+                raise ValueError(
+                    "loss mask_resolution=low_res (loss=official) needs SAM2's low-resolution "
+                    "logits; this model gives none (e.g. the U-Net baseline): use a full-"
+                    "resolution loss such as loss=bce_dice_lang"
+                )
+            gt_masks = [
+                nearest_resize(g, tuple(p.shape[-2:]))
+                for g, p in zip(gt_masks, low_res_masks, strict=True)
+            ]
+            pred_masks = low_res_masks
         logits = torch.cat([p.flatten(0, 1) for p in pred_masks])
         target = torch.cat([g.flatten(0, 1) for g in gt_masks]).to(logits.device)
         if logits.shape != target.shape:

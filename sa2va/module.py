@@ -59,7 +59,8 @@ class Sa2VAModule(L.LightningModule):
     # ---- steps ------------------------------------------------------------------------
     def _losses(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], list[Tensor]]:
         out = self.model(batch)
-        return self.loss(out.pred_masks, batch["masks"], out.lm_loss), out.pred_masks
+        losses = self.loss(out.pred_masks, batch["masks"], out.lm_loss, out.low_res_masks)
+        return losses, out.pred_masks
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         losses, _ = self._losses(batch)

@@ -430,7 +430,7 @@ def sam2_decoder_elements(sam2: nn.Module) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        decode_masks(heads, features, torch.zeros(1, dim, requires_grad=True))
+        decode_masks(heads, features, torch.zeros(1, dim, requires_grad=True), True)
     return sum(saved.values())
 
 

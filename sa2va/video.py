@@ -1,37 +1,32 @@
-"""Video inference: the MLLM + SAM2 on every frame, or the MLLM on key frames + SAM2 memory.
+"""Video inference: the MLLM + SAM2 on every frame, or the official Sa2VA memory propagation.
 
 * ``per_frame``: every frame is its own one-image sample (MLLM and SAM2), batched. Frames do
   not see each other; this is what a model trained on single frames (``clip_len=1``) learned.
-* ``propagate``: the MLLM sees only the key frames (evenly spaced, always frame 0) once and
-  yields one [SEG] embedding per mask. On the key frames that embedding is SAM2's prompt (the
-  same sparse prompt as training, see :func:`sa2va.model.sam2.seg_prompt`); every other frame
-  is tracked by SAM2's own memory machinery (``_prepare_memory_conditioned_features``,
-  ``track_step``, ``_encode_new_memory``) from the key frames and the frames before it, as
-  SAM 2's video predictor and the official Sa2VA video inference do. SAM2's object-score
-  head applies (a mask judged absent becomes ``NO_OBJ_SCORE`` logits), key frames included.
+* ``propagate``: the official Sa2VA video inference. The MLLM sees the first
+  ``min(T, key_frames)`` frames once (``key_frames`` defaults to the model's
+  ``mllm_frames``, 5, as official ``predict_forward``) and yields one [SEG] embedding per
+  mask. Each of those frames is a SAM2 conditioning frame prompted by that embedding; every
+  later frame is tracked in order by SAM2's memory
+  (:meth:`sa2va.model.sam2.LanguagePromptedSAM2.propagate`). No mask is blanked by SAM2's
+  object score. Logits come out at SAM2's image size (low-res -> image size, bilinear, as
+  official); :func:`probabilities` then resizes them to the frame (bilinear again).
 
-Both return mask logits at the model's ``mask_size``; :func:`probabilities` resizes them.
+``per_frame`` returns logits at the model's ``mask_size``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from sa2va.data.processor import key_frame_indices
 from sa2va.model.mllm import SEG_TOKEN
 from sa2va.model.sa2va import DEFAULT_ANSWER, Sa2VA, batch_to_device
-from sa2va.model.sam2 import seg_prompt, upsample
-
-if TYPE_CHECKING:
-    from sam2.modeling.sam2_base import SAM2Base
+from sa2va.model.sam2 import upsample
 
 VideoMode = Literal["per_frame", "propagate"]
 VIDEO_MODES: tuple[VideoMode, ...] = ("per_frame", "propagate")
@@ -105,27 +100,49 @@ def segment_video(
     answers: str | Sequence[str] = DEFAULT_ANSWER,
     mode: str = "fast",
     video_mode: VideoMode = "per_frame",
-    key_frames: int = 1,
+    key_frames: int | None = None,
     batch_size: int = 4,
     max_new_tokens: int = 32,
+    memory_dtype: str | None = "bfloat16",
 ) -> VideoPrediction:
     """Mask logits for every frame of a sequence (a single image is a one-frame sequence).
 
     ``answers`` (one, or one per prompt) is the teacher-forced answer in ``fast`` mode;
     ``generate`` decodes it instead (one frame per MLLM call). ``batch_size`` frames share
     one forward pass in ``per_frame`` mode and one SAM2 image-encoder pass in ``propagate``.
-    Call on a model in eval mode.
+    ``propagate`` only: ``key_frames``, the first frames shown to the MLLM and prompted by
+    [SEG] (None: the model's ``mllm_frames``, the official 5; at most that many), and
+    ``memory_dtype``, the precision SAM2's memories are stored in (official: bfloat16;
+    None keeps them exact). Call on a model in eval mode.
     """
     if video_mode not in VIDEO_MODES:
         raise ValueError(f"video_mode must be one of {VIDEO_MODES}, got {video_mode!r}")
     if not frames or not prompts:
         raise ValueError("need at least one frame and one prompt")
-    if batch_size < 1 or key_frames < 1:
-        raise ValueError("batch_size and key_frames must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    mllm_frames = model.processor.mllm_frames
+    if key_frames is not None and not 1 <= key_frames <= mllm_frames:
+        raise ValueError(
+            f"key_frames must be in [1, {mllm_frames}] (the frames the MLLM sees, "
+            f"model.mllm_frames) or None, got {key_frames}"
+        )
+    if memory_dtype is not None and not isinstance(getattr(torch, memory_dtype, None), torch.dtype):
+        raise ValueError(
+            f"memory_dtype must name a torch dtype (bfloat16) or be None, got {memory_dtype!r}"
+        )
     answer_list = _answer_list(answers, len(prompts))
     if video_mode == "propagate":
         return _propagate(
-            model, frames, prompts, answer_list, mode, key_frames, batch_size, max_new_tokens
+            model,
+            frames,
+            prompts,
+            answer_list,
+            mode,
+            key_frames,
+            batch_size,
+            max_new_tokens,
+            memory_dtype,
         )
     logits: list[Tensor] = []
     texts: list[list[str]] = []
@@ -144,160 +161,34 @@ def _propagate(
     prompts: Sequence[str],
     answers: list[str],
     mode: str,
-    key_frames: int,
+    key_frames: int | None,
     batch_size: int,
     max_new_tokens: int,
+    memory_dtype: str | None,
 ) -> VideoPrediction:
-    keys = key_frame_indices(len(frames), key_frames)
+    num_cond = min(len(frames), key_frames or model.processor.mllm_frames)
     batch, texts = _clip_batch(
-        model, [[frames[k] for k in keys]], prompts, answers, mode, max_new_tokens
+        model, [list(frames[:num_cond])], prompts, answers, mode, max_new_tokens
     )
     _, embeddings, _ = model.seg_embeddings(batch)
-    size = model.processor.mask_size
+    size = model.sam2.image_size
     if embeddings.shape[0] == 0:  # no [SEG] in the answers: no masks
         empty = embeddings.new_zeros(0, size, size)
         return VideoPrediction(logits=[empty] * len(frames), answers=texts * len(frames))
     images = [model.processor.sam2_view(f) for f in frames]
-    low_res = propagate_masks(model.sam2, images, embeddings, keys, batch_size)
-    logits = [upsample(m, size) for m in low_res]
+    dtype = getattr(torch, memory_dtype) if memory_dtype else None
+    outputs = model.sam2.propagate(images, embeddings, num_cond, batch_size, dtype)
+    logits = [upsample(out.low_res_masks[:, 0], size) for out in outputs]
     return VideoPrediction(logits=logits, answers=texts * len(frames))
-
-
-@contextmanager
-def _seg_prompted(sam2: SAM2Base, prompts: Tensor) -> Iterator[None]:
-    """Within the block SAM2's prompt encoder returns the [SEG] embeddings as the sparse prompt.
-
-    ``SAM2Base._forward_sam_heads`` takes only points and masks (the official Sa2VA edits
-    SAM2's source to add a language argument). Swapping the encoder's output for one call
-    keeps the rest of SAM2's head as it is: object pointer, object score, no-object handling.
-    """
-    encoder = sam2.sam_prompt_encoder
-    original = encoder.forward
-
-    def forward(points: Any, boxes: Any, masks: Any) -> tuple[Tensor, Tensor]:
-        return seg_prompt(*original(points=None, boxes=boxes, masks=masks), prompts)
-
-    encoder.forward = forward
-    try:
-        yield
-    finally:
-        del encoder.forward
-
-
-def _frame_features(
-    sam2: SAM2Base, backbone_out: dict[str, Any], index: int, n_obj: int
-) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]:
-    """One frame's flattened features, repeated for each object (as SAM2VideoPredictor does)."""
-    frame = {
-        key: [x[index : index + 1].expand(n_obj, -1, -1, -1) for x in backbone_out[key]]
-        for key in ("backbone_fpn", "vision_pos_enc")
-    }
-    _, feats, pos, sizes = sam2._prepare_backbone_features(frame)
-    return feats, pos, sizes
-
-
-def _condition_frame(
-    sam2: SAM2Base,
-    frame_idx: int,
-    feats: list[Tensor],
-    pos: list[Tensor],
-    sizes: list[tuple[int, int]],
-    prompts: Tensor,
-    output_dict: dict[str, dict[int, Any]],
-    num_frames: int,
-) -> dict[str, Any]:
-    """A key frame: no memory, the [SEG] prompt, a single mask (as in training), new memory."""
-    pix_feat = sam2._prepare_memory_conditioned_features(
-        frame_idx=frame_idx,
-        is_init_cond_frame=True,
-        current_vision_feats=feats[-1:],
-        current_vision_pos_embeds=pos[-1:],
-        feat_sizes=sizes[-1:],
-        output_dict=output_dict,
-        num_frames=num_frames,
-    )
-    high_res = [
-        x.permute(1, 2, 0).reshape(x.size(1), x.size(2), *s)
-        for x, s in zip(feats[:-1], sizes[:-1], strict=True)
-    ]
-    with _seg_prompted(sam2, prompts):
-        *_, low_res, high_res_masks, obj_ptr, object_score = sam2._forward_sam_heads(
-            backbone_features=pix_feat,
-            high_res_features=high_res or None,
-            multimask_output=False,
-        )
-    maskmem, maskmem_pos = sam2._encode_new_memory(
-        current_vision_feats=feats,
-        feat_sizes=sizes,
-        pred_masks_high_res=high_res_masks,
-        object_score_logits=object_score,
-        is_mask_from_pts=True,  # a prompted frame, as a clicked one is
-    )
-    return {
-        "pred_masks": low_res,
-        "obj_ptr": obj_ptr,
-        "object_score_logits": object_score,
-        "maskmem_features": maskmem,
-        "maskmem_pos_enc": maskmem_pos,
-    }
-
-
-def propagate_masks(
-    sam2: SAM2Base,
-    images: Sequence[Tensor],
-    prompts: Tensor,
-    key_frames: Sequence[int],
-    batch_size: int = 4,
-) -> Tensor:
-    """Track N prompted objects through T frames with SAM2's memory; (T, N, h, w) low-res logits.
-
-    ``images`` are SAM2 views (3, S, S); ``prompts`` (N, C) projected [SEG] embeddings that
-    prompt the ``key_frames`` (which must include frame 0: tracking runs forward). Key frames
-    are decoded first, then the others in temporal order, each attending to the key frames'
-    and the previous frames' memories.
-    """
-    num_frames, n_obj = len(images), prompts.shape[0]
-    keys = sorted(set(key_frames))
-    if not keys or keys[0] != 0 or keys[-1] >= num_frames:
-        raise ValueError(f"key frames {list(key_frames)} must include 0 and be < {num_frames}")
-    device, dtype = prompts.device, sam2.no_mem_embed.dtype
-    output_dict: dict[str, dict[int, Any]] = {
-        "cond_frame_outputs": {},
-        "non_cond_frame_outputs": {},
-    }
-    order = keys + [t for t in range(num_frames) if t not in keys]
-    for chunk in _chunks(order, batch_size):
-        backbone_out = sam2.forward_image(torch.stack([images[t] for t in chunk]).to(device, dtype))
-        for index, t in enumerate(chunk):
-            feats, pos, sizes = _frame_features(sam2, backbone_out, index, n_obj)
-            if t in keys:
-                out = _condition_frame(sam2, t, feats, pos, sizes, prompts, output_dict, num_frames)
-                output_dict["cond_frame_outputs"][t] = out
-            else:
-                out = sam2.track_step(
-                    frame_idx=t,
-                    is_init_cond_frame=False,
-                    current_vision_feats=feats,
-                    current_vision_pos_embeds=pos,
-                    feat_sizes=sizes,
-                    point_inputs=None,
-                    mask_inputs=None,
-                    output_dict=output_dict,
-                    num_frames=num_frames,
-                )
-                output_dict["non_cond_frame_outputs"][t] = out
-    outputs = output_dict["cond_frame_outputs"] | output_dict["non_cond_frame_outputs"]
-    return torch.stack([outputs[t]["pred_masks"][:, 0] for t in range(num_frames)])
 
 
 def probabilities(logits: Tensor, size_hw: tuple[int, int]) -> Tensor:
     """(K, S, S) mask logits -> (K, H, W) float32 probabilities at an image's own size.
 
-    Bilinear on the logits, then sigmoid (as the official Sa2VA resizes to the original size).
+    Bilinear (align_corners=False) on the logits, then sigmoid (as the official Sa2VA resizes
+    to the original size).
     """
     logits = logits.float()
     if logits.shape[0] == 0:
         return logits.new_zeros(0, *size_hw)
-    if tuple(logits.shape[-2:]) != tuple(size_hw):
-        logits = F.interpolate(logits.unsqueeze(0), size_hw, mode="bilinear").squeeze(0)
-    return logits.sigmoid()
+    return upsample(logits, size_hw).sigmoid()

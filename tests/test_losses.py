@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from monai.losses import DiceLoss
 
-from sa2va.losses import Sa2VALoss, dice_loss, point_sample
+from sa2va.losses import Sa2VALoss, dice_loss, nearest_resize, point_sample
 
 
 @pytest.fixture
@@ -93,3 +94,39 @@ def test_point_sampling_reads_values_at_points_and_approximates_full_loss():
     full = Sa2VALoss().mask_terms(logits, target)["bce"]
     sampled = Sa2VALoss(num_points=4096, importance_sample_ratio=0.0).mask_terms(logits, target)
     assert sampled["bce"].item() == pytest.approx(full.item(), rel=0.1)
+
+
+def test_low_res_mode_scores_sam2_low_res_logits_against_nearest_downsampled_truth():
+    gen = torch.Generator().manual_seed(1)
+    truth = [torch.rand(2, 1, 16, 16, generator=gen) > 0.5]
+    low_res = [torch.randn(2, 1, 4, 4, generator=gen)]
+    full_res = [torch.full((2, 1, 16, 16), 100.0)]  # ignored in low_res mode
+    terms = Sa2VALoss(mask_resolution="low_res")(full_res, truth, None, low_res)
+    # nearest by 4 keeps pixel (4i, 4j): an independent formula for the downsampled truth
+    reference = Sa2VALoss().mask_terms(
+        low_res[0].flatten(0, 1), truth[0][..., ::4, ::4].flatten(0, 1)
+    )
+    assert terms["bce"].item() == pytest.approx(reference["bce"].item(), rel=1e-6)
+    assert terms["dice"].item() == pytest.approx(reference["dice"].item(), rel=1e-6)
+    full = Sa2VALoss()(full_res, truth, None, low_res)  # the default keeps full resolution
+    assert full["bce"].item() > 10 * terms["bce"].item()
+
+
+def test_nearest_downsampling_erases_thin_vessels_so_the_user_loss_stays_full_res():
+    vessel = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    vessel[..., 10:12, :] = True  # a 2 px horizontal vessel
+    assert nearest_resize(vessel, (16, 16)).sum() == 0
+
+
+def test_low_res_mode_needs_the_model_s_low_res_logits():
+    masks = [torch.zeros(1, 1, 8, 8)]
+    with pytest.raises(ValueError, match="needs SAM2's low-resolution logits"):
+        Sa2VALoss(mask_resolution="low_res")(masks, masks, None, None)
+    with pytest.raises(ValueError, match="mask_resolution must be one of"):
+        Sa2VALoss(mask_resolution="half")
+
+
+def test_official_loss_config_is_low_res_with_point_sampling(compose_cfg):
+    official = instantiate(compose_cfg("loss=official").loss)
+    assert (official.mask_resolution, official.num_points) == ("low_res", 12544)
+    assert instantiate(compose_cfg().loss).mask_resolution == "full"  # bce_dice_lang

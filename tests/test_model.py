@@ -6,6 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -102,6 +103,24 @@ def test_forward_gives_one_mask_per_seg_per_frame(model):
     assert out.seg_counts == [1, 2]
     assert [tuple(m.shape) for m in out.pred_masks] == [(3, 1, 256, 256), (1, 2, 256, 256)]
     assert out.lm_loss is not None and torch.isfinite(out.lm_loss)
+
+
+def test_masks_are_the_best_of_three_upsampled_once_from_sam2_low_res(compose_cfg):
+    torch.manual_seed(0)
+    model = instantiate(compose_cfg("model.mask_size=96").model).eval()
+    batch = model.processor.collate([model.processor(frames(2), [PROMPT], ["Sure, [SEG]."])])
+    out = model(batch)
+    low_res = out.low_res_masks[0]
+    assert low_res.shape == (2, 1, model.sam2.image_size // 4, model.sam2.image_size // 4)
+    once = F.interpolate(low_res, (96, 96), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.pred_masks[0], once)
+    # the official prompt: 2 not_a_point tokens + [SEG], and the mask SAM2 rates best
+    _, embeddings, _ = model.seg_embeddings(batch)
+    features = model.sam2.image_features(batch["g_pixel_values"][0])
+    decoded = model.sam2.decode_language(features, embeddings.expand(2, -1)).masks
+    assert decoded.sparse_embeddings.shape[1] == 3 and decoded.ious.shape[1] == 3
+    best = decoded.low_res_multimasks[torch.arange(2), decoded.ious.argmax(-1)]
+    torch.testing.assert_close(low_res[:, 0], best)
 
 
 def test_same_seg_embedding_prompts_every_frame_of_a_clip(model):

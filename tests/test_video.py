@@ -1,4 +1,7 @@
-"""Video inference on a random tiny model: per-frame batching, SAM2 memory propagation."""
+"""Video inference on a random tiny model: per-frame batching, official SAM2 propagation.
+
+Numerical parity of the propagation with the official code: tests/test_parity_sam2.py.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +14,15 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from sa2va.model.sa2va import Sa2VA
-from sa2va.video import probabilities, propagate_masks, seg_owners, segment_video
+from sa2va.video import probabilities, seg_owners, segment_video
 
 PROMPTS = ["Please segment the blood vessel.", "Segment vessels [SEG] and optic disc [SEG]"]
-NO_OBJECT_SCORES = [  # SAM2's object-score veto off, so key-frame masks compare exactly
-    "model.sam2.pred_obj_scores=false",
-    "model.sam2.pred_obj_scores_mlp=false",
-    "model.sam2.fixed_no_obj_ptr=false",
-]
 
 
 @pytest.fixture
 def model(compose_cfg) -> Sa2VA:
     torch.manual_seed(0)
-    return instantiate(compose_cfg(*NO_OBJECT_SCORES).model).eval()
+    return instantiate(compose_cfg().model).eval()
 
 
 def frames(n: int) -> list[Image.Image]:
@@ -75,27 +73,53 @@ def test_per_frame_batches_equal_single_frame_predictions(model, monkeypatch):
         torch.testing.assert_close(pred.logits[t], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_propagate_runs_the_mllm_once_on_the_key_frames_only(model, monkeypatch):
-    clip = frames(5)
+@pytest.mark.parametrize(("key_frames", "shown"), [(None, 5), (2, 2)])
+def test_propagate_shows_the_first_frames_to_the_mllm_once(model, monkeypatch, key_frames, shown):
+    clip = frames(7)
     mllm = spy(monkeypatch, model.mllm, "forward")
     memory_attention = spy(monkeypatch, model.sam2.memory_attention, "forward")
     memory_encoder = spy(monkeypatch, model.sam2.memory_encoder, "forward")
-    segment_video(model, clip, PROMPTS[:1], video_mode="propagate", key_frames=2, batch_size=2)
-
+    pred = segment_video(
+        model, clip, PROMPTS[:1], video_mode="propagate", key_frames=key_frames, batch_size=2
+    )
     assert len(mllm.calls) == 1
-    shown = mllm.calls[0]["pixel_values"]
-    key_views = model.processor([clip[0], clip[4]], PROMPTS[:1], ["Sure, [SEG]."])
-    torch.testing.assert_close(shown, key_views["pixel_values"])  # frames 0 and 4, nothing else
-    assert len(memory_attention.calls) == 3  # frames 1-3 are tracked from memory
-    assert len(memory_encoder.calls) == 5  # every frame adds to the memory bank
+    first = model.processor(clip[:shown], PROMPTS[:1], ["Sure, [SEG]."])  # official: first N
+    torch.testing.assert_close(mllm.calls[0]["pixel_values"], first["pixel_values"])
+    assert len(memory_attention.calls) == 7 - shown  # conditioning frames have no memory
+    assert len(memory_encoder.calls) == 7  # every frame adds to the memory bank
+    size = model.sam2.image_size  # official: logits at SAM2's image size
+    assert [tuple(m.shape) for m in pred.logits] == [(1, size, size)] * 7
 
 
-def test_key_frames_decode_as_trained_and_other_frames_use_memory(model):
+def test_conditioning_frames_decode_as_trained_and_other_frames_use_memory(model):
     clip = frames(3)
     per_frame = segment_video(model, clip, PROMPTS[:1], video_mode="per_frame")
-    propagated = segment_video(model, clip, PROMPTS[:1], video_mode="propagate")
+    propagated = segment_video(model, clip, PROMPTS[:1], video_mode="propagate", key_frames=1)
     torch.testing.assert_close(propagated.logits[0], per_frame.logits[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(propagated.logits[1], per_frame.logits[1], atol=1e-3)
+
+
+def test_propagate_rejects_more_key_frames_than_the_mllm_sees(model):
+    with pytest.raises(ValueError, match=r"key_frames must be in \[1, 5\]"):
+        segment_video(model, frames(2), PROMPTS[:1], video_mode="propagate", key_frames=6)
+    with pytest.raises(ValueError, match="memory_dtype must name a torch dtype"):
+        segment_video(model, frames(2), PROMPTS[:1], video_mode="propagate", memory_dtype="bf")
+    views = [model.processor.sam2_view(f) for f in frames(2)]
+    prompts = torch.zeros(1, model.sam2.sam_prompt_encoder.embed_dim)
+    with pytest.raises(ValueError, match=r"num_cond_frames must be in \[1, 2\]"):
+        model.sam2.propagate(views, prompts, num_cond_frames=3)
+
+
+def test_memories_are_stored_rounded_to_bfloat16_unless_asked_otherwise(model):
+    clip = frames(3)
+    outputs = {}
+    for dtype in ("bfloat16", None):
+        pred = segment_video(
+            model, clip, PROMPTS[:1], video_mode="propagate", key_frames=1, memory_dtype=dtype
+        )
+        outputs[dtype] = pred.logits
+    torch.testing.assert_close(outputs["bfloat16"][0], outputs[None][0])  # no memory used
+    assert not torch.equal(outputs["bfloat16"][2], outputs[None][2])
 
 
 def test_generate_mode_masks_follow_the_generated_answers(model):
@@ -105,13 +129,6 @@ def test_generate_mode_masks_follow_the_generated_answers(model):
     assert len(pred.logits) == 3 and len(pred.answers) == 3
     for logits, answers in zip(pred.logits, pred.answers, strict=True):
         assert logits.shape[0] == len(seg_owners(PROMPTS[:1], answers))
-
-
-def test_propagation_must_start_at_frame_zero(model):
-    views = [model.processor.sam2_view(f) for f in frames(2)]
-    prompts = torch.zeros(1, model.sam2.sam_prompt_encoder.embed_dim)
-    with pytest.raises(ValueError, match="must include 0"):
-        propagate_masks(model.sam2, views, prompts, key_frames=[1])
 
 
 def test_probabilities_resize_to_the_image_size():

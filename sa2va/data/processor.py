@@ -55,7 +55,12 @@ class Sa2VAProcessor:
         mllm_frames: int = 5,
         system_prompt: str | None = None,
         template: ChatTemplate = CHAT_TEMPLATES["qwen_chat"],
+        sam2_bf16_norm: bool = False,
     ) -> None:
+        """``sam2_bf16_norm``: round the SAM2 view's ImageNet mean/std to bfloat16 as the
+        official HF inference does (to reproduce its outputs exactly). Off by default: the
+        official training, and SAM2 itself, use the exact constants, and this processor
+        serves training and inference alike, which must see the same normalisation."""
         self.tokenizer = tokenizer
         self.template = template
         self.image_processor = image_processor
@@ -64,15 +69,21 @@ class Sa2VAProcessor:
         self.mask_size = mask_size or sam2_image_size
         self.mllm_frames = mllm_frames
         self.system_prompt = system_prompt
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        norm_dtype = torch.bfloat16 if sam2_bf16_norm else torch.float32
+        self._sam2_mean = torch.tensor(IMAGENET_MEAN, dtype=norm_dtype).float().view(3, 1, 1)
+        self._sam2_std = torch.tensor(IMAGENET_STD, dtype=norm_dtype).float().view(3, 1, 1)
 
     def sam2_view(self, frame: Image.Image) -> Tensor:
-        """Resize + ImageNet-normalise for SAM2 (its own transforms need torchvision)."""
+        """Resize + ImageNet-normalise for SAM2 (its own transforms need torchvision).
+
+        PIL BICUBIC, as the official ``DirectResize`` (PIL's default ``resize``). With
+        ``sam2_bf16_norm`` the mean/std are rounded to bfloat16 first, as the official HF
+        inference does (``preprocess_image``'s default dtype), e.g. 0.485 -> 0.484375.
+        """
         size = self.sam2_image_size
-        resized = frame.convert("RGB").resize((size, size), Image.BILINEAR)
+        resized = frame.convert("RGB").resize((size, size), Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
-        return (pixels.permute(2, 0, 1) - self._mean) / self._std
+        return (pixels.permute(2, 0, 1) - self._sam2_mean) / self._sam2_std
 
     def image_text(self, tiles_per_frame: Sequence[int]) -> str:
         """`<img>` + context tokens + `</img>` per frame, joined by `\n` (no frame labels)."""

@@ -215,10 +215,23 @@ def check_loading_info(info: Mapping[str, Any], source: str) -> None:
 def load_sam2_checkpoint(
     sam2: nn.Module, path: str | Path, expected_missing: Sequence[str] = ()
 ) -> LoadReport:
-    """Load a SAM 2 release (``sam2.1_hiera_large.pt``: ``{"model": state_dict}``) into a
-    ``SAM2Base`` built from ``conf/model/sam2``; its keys are the package's own names."""
+    """Load a SAM 2 release (``sam2_hiera_large.pt``: ``{"model": state_dict}``) into a
+    ``LanguagePromptedSAM2`` built from ``conf/model/sam2``; its keys are the package's names.
+
+    The official HF release's ``.g_weight`` (Meta: ``.gamma``) is renamed back. A mismatch
+    says first when it comes from a SAM 2.0 file given to a 2.1 config, or the reverse.
+    """
+    from sa2va.model.sam2 import rename_release_keys, sam2_version_mismatch
+
     state = read_state_dict(path, key=None if str(path).endswith(".safetensors") else "model")
-    return load_checked(sam2, state, f"SAM2 checkpoint {path}", expected_missing)
+    state = rename_release_keys(state)
+    source = f"SAM2 checkpoint {path}"
+    report = compare_state_dict(sam2, state, source, expected_missing)
+    if not report.ok:
+        cause = sam2_version_mismatch(list(sam2.state_dict()), list(state))
+        if cause:
+            raise CheckpointMismatchError(f"{cause}\n{report.summary()}")
+    return load_checked(sam2, state, source, expected_missing)
 
 
 # --------------------------------------------------------------- (c) official Sa2VA

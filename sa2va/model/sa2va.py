@@ -20,7 +20,7 @@ from sa2va.data.processor import Sa2VAProcessor
 from sa2va.model.feature_cache import FeatureCache, cached_encoders
 from sa2va.model.mllm import SEG_TOKEN, build_mllm
 from sa2va.model.official import is_sa2va_release, load_release_heads, release_has_sam2
-from sa2va.model.sam2 import build_sam2, decode_masks, encode_images, upsample
+from sa2va.model.sam2 import build_sam2, upsample
 from sa2va.utils import to_plain
 
 DEFAULT_ANSWER = "Sure, [SEG]."
@@ -62,6 +62,9 @@ class Sa2VAOutput:
     lm_loss: Tensor | None
     pred_masks: list[Tensor]  # per sample: (T, M, H, W) mask logits
     seg_counts: list[int]  # [SEG] tokens found per sample
+    # per sample: (T, M, h, w) SAM2 low-resolution logits (image_size/4); None for models
+    # without them (the U-Net baseline)
+    low_res_masks: list[Tensor] | None = None
 
 
 class Sa2VA(nn.Module):
@@ -174,14 +177,23 @@ class Sa2VA(nn.Module):
 
     def decode(
         self, frames: Sequence[Tensor], embeddings: Tensor, counts: Sequence[int]
-    ) -> list[Tensor]:
-        """Masks for each sample: every [SEG] embedding of a sample prompts all its frames."""
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Masks for each sample: every [SEG] embedding of a sample prompts all its frames.
+
+        SAM2 is prompted the official way (:class:`~sa2va.model.sam2.LanguagePromptedSAM2`).
+        Returns per sample (T, M, S, S) logits at ``mask_size``, upsampled once (bilinear)
+        straight from the low-resolution logits, and those (T, M, s, s) low-resolution
+        logits (SAM2 image_size/4), on which the official loss is computed.
+        """
         lengths = [f.shape[0] for f in frames]
         images = torch.cat(list(frames)).to(self.text_hidden_fcs[0].weight.dtype)
         if not sum(counts):  # no [SEG] generated: no masks, and nothing to decode
-            size = self.processor.mask_size
-            return [images.new_zeros(t_len, 0, size, size) for t_len in lengths]
-        features = encode_images(self.sam2, images)
+            size, low = self.processor.mask_size, self.sam2.image_size // 4
+            return (
+                [images.new_zeros(t_len, 0, size, size) for t_len in lengths],
+                [images.new_zeros(t_len, 0, low, low) for t_len in lengths],
+            )
+        features = self.sam2.image_features(images)
         image_index, prompt_index = [], []
         frame_offset, prompt_offset = 0, 0
         for t_len, m in zip(lengths, counts, strict=True):
@@ -192,15 +204,18 @@ class Sa2VA(nn.Module):
         device = images.device
         image_index = torch.cat(image_index).to(device)
         prompt_index = torch.cat(prompt_index).to(device)
-        logits = decode_masks(
-            self.sam2, features.index_select(image_index), embeddings[prompt_index]
+        decoded = self.sam2.decode_language(
+            features.index_select(image_index), embeddings[prompt_index]
         )
-        logits = upsample(logits, self.processor.mask_size)
+        low_res = decoded.low_res_masks[:, 0]
+        logits = upsample(low_res, self.processor.mask_size)
         sizes = [t_len * m for t_len, m in zip(lengths, counts, strict=True)]
-        return [
-            chunk.view(t_len, m, *chunk.shape[-2:])
-            for chunk, t_len, m in zip(logits.split(sizes), lengths, counts, strict=True)
-        ]
+
+        def per_sample(flat: Tensor) -> list[Tensor]:
+            chunks = zip(flat.split(sizes), lengths, counts, strict=True)
+            return [chunk.view(t_len, m, *chunk.shape[-2:]) for chunk, t_len, m in chunks]
+
+        return per_sample(logits), per_sample(low_res)
 
     def seg_embeddings(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor, list[int]]:
         """The language half of `forward`: LM loss, projected [SEG] embeddings, counts per sample.
@@ -214,8 +229,10 @@ class Sa2VA(nn.Module):
     def forward(self, batch: Mapping[str, Any]) -> Sa2VAOutput:
         with cached_encoders(self, batch):  # frozen encoders reuse per-frame outputs
             lm_loss, embeddings, counts = self.seg_embeddings(batch)
-            masks = self.decode(batch["g_pixel_values"], embeddings, counts)
-        return Sa2VAOutput(lm_loss=lm_loss, pred_masks=masks, seg_counts=counts)
+            masks, low_res = self.decode(batch["g_pixel_values"], embeddings, counts)
+        return Sa2VAOutput(
+            lm_loss=lm_loss, pred_masks=masks, seg_counts=counts, low_res_masks=low_res
+        )
 
     # ---- inference --------------------------------------------------------------------
     @torch.no_grad()
