@@ -30,8 +30,9 @@ from sa2va.predict import load_model
 from sa2va.train import train
 from sa2va.utils import CONF_DIR, REPO_ROOT
 from tests.conftest import FAST_TRAIN
+from tests.official_fixtures import tiny_sam2_config
 from tests.test_checkpoints import LORA, write_training_checkpoint
-from tests.test_release_layouts import CHAT, FIXTURE, assert_bit_equal, official_release_state
+from tests.test_release_layouts import CHAT, assert_bit_equal, official_release_state
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +135,7 @@ DEEPSPEED_SAVE = textwrap.dedent(
     """
     import os, sys, torch
     import deepspeed, deepspeed.comm.torch
-    from sa2va.model.checkpoints import load_official_sa2va, load_trained, read_state_dict
-from sa2va.model.releases import release_from_config, release_shapes
+    from sa2va.model.checkpoints import load_trained
     # the shared-memory all-reduce is an optional speed-up, compiled on first use: skip it
     deepspeed.comm.torch.build_shm_op = lambda: None
     model, meta = load_trained(sys.argv[1])
@@ -181,8 +181,6 @@ def fixture_model() -> Sa2VA:
     """A project model with the architecture of the official tiny chat model (fixture 3:
     its config.json numbers) and the fixture's tiny SAM 2.0; its vocabulary resized to the
     fixture's 371 rows."""
-    from omegaconf import OmegaConf
-
     vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
               "intermediate_size": 64, "attention_bias": True, "use_qk_norm": False,
               "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "hidden_act": "gelu",
@@ -193,8 +191,9 @@ def fixture_model() -> Sa2VA:
             "tie_word_embeddings": False}  # fmt: skip
     config = {"downsample_ratio": 0.5, "vision_feature_layer": -1, "tie_word_embeddings": False,
               "vision_config": vision, "text_config": text}  # fmt: skip
-    sam2 = OmegaConf.to_container(OmegaConf.load(FIXTURE / "sam2_tiny_v2_0.yaml").model)
-    model = Sa2VA(mllm={"path": None, "config": config}, sam2=sam2, load_pretrained=False)
+    model = Sa2VA(
+        mllm={"path": None, "config": config}, sam2=tiny_sam2_config(), load_pretrained=False
+    )
     model.mllm.resize_token_embeddings(371)
     return model
 

@@ -18,15 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
 from sa2va.data.processor import IGNORE_INDEX
 from sa2va.model.mllm import SA2VA_SPECIAL_TOKENS
 from sa2va.model.sa2va import Sa2VA
+from tests.official_fixtures import FIXTURES, tiny_sam2_config
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official_sa2va"
 RELEASE = FIXTURES / "sa2va_chat_tiny"
 ATOL = 1e-5  # the fixture README's tolerance for fp32 CPU hidden states / logits
 
@@ -44,7 +43,7 @@ def encoding() -> dict:
 def build_release_model(release: Path = RELEASE, sam2_ckpt: str | None = None) -> Sa2VA:
     """The project's Sa2VA from an official release folder, with the fixture's tiny SAM 2.0
     (weights from `sam2_ckpt` if given), in fp32 with eager attention as the fixture."""
-    sam2 = OmegaConf.to_container(OmegaConf.load(FIXTURES / "sam2_tiny_v2_0.yaml").model)
+    sam2 = tiny_sam2_config()
     model = Sa2VA(
         mllm={"path": str(release), "max_tiles": 12, "attn_implementation": "eager"},
         sam2=sam2,

@@ -13,11 +13,8 @@ Measured on CPU (fp32): fixture 1 max|diff| 1.3e-6 (logits), 1.2e-7 (IoUs); fixt
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -25,8 +22,8 @@ from sa2va.data.processor import Sa2VAProcessor
 from sa2va.model.checkpoints import load_sam2_checkpoint
 from sa2va.model.sam2 import LanguagePromptedSAM2, build_sam2, upsample
 from sa2va.video import probabilities
+from tests.official_fixtures import FIXTURES, tiny_sam2_config
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official_sa2va"
 ATOL = 1e-5  # fp32 CPU re-implementation (fixture README)
 
 
@@ -40,9 +37,7 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def sam2() -> LanguagePromptedSAM2:
-    cfg = OmegaConf.to_container(OmegaConf.load(FIXTURES / "sam2_tiny_v2_0.yaml").model)
-    cfg["_target_"] = "sa2va.model.sam2.LanguagePromptedSAM2"
-    model = build_sam2(cfg)
+    model = build_sam2(tiny_sam2_config())
     report = load_sam2_checkpoint(model, FIXTURES / "sam2_tiny_v2_0.pt")
     assert report.ok and not report.expected_missing
     return model.eval()

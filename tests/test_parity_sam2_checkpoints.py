@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from sa2va.model.checkpoints import CheckpointMismatchError, load_sam2_checkpoint
 from sa2va.model.sam2 import build_sam2, sam2_version_mismatch
-from tests.test_parity_sam2 import FIXTURES
+from tests.official_fixtures import tiny_sam2_config
 
 SAM2_1_FLAGS = {
     "no_obj_embed_spatial": True,
@@ -23,12 +22,8 @@ SAM2_1_FLAGS = {
 
 
 def tiny_sam2(version: str):
-    cfg = OmegaConf.to_container(OmegaConf.load(FIXTURES / "sam2_tiny_v2_0.yaml").model)
-    cfg["_target_"] = "sa2va.model.sam2.LanguagePromptedSAM2"
-    if version == "2.1":
-        cfg.update(SAM2_1_FLAGS)
     torch.manual_seed(0)
-    return build_sam2(cfg)
+    return build_sam2(tiny_sam2_config(**(SAM2_1_FLAGS if version == "2.1" else {})))
 
 
 def save(tmp_path, state, name="sam2.pt"):

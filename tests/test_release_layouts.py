@@ -50,15 +50,6 @@ from sa2va.utils import CONF_DIR, to_plain
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_sa2va"
 CHAT = FIXTURE / "sa2va_chat_tiny"
-# SAM 2.0 (every official Sa2VA) has neither of SAM 2.1's no_obj_embed_spatial and
-# obj_ptr_tpos_proj. Until conf/model/sam2 holds a SAM 2.0 Hiera-L for the sa2va_* configs
-# to default to, these flags turn the configured SAM 2.1 Hiera-L into SAM 2.0's graph.
-SAM2_V2_0_FLAGS = {
-    "no_obj_embed_spatial": False,
-    "add_tpos_enc_to_obj_ptrs": False,
-    "proj_tpos_enc_in_obj_ptrs": False,
-    "use_signed_tpos_enc_to_obj_ptrs": False,
-}
 
 
 def load_sam2_fixture() -> dict[str, torch.Tensor]:
@@ -95,7 +86,6 @@ def project_model(compose_cfg, release: Release) -> torch.nn.Module:
     with open_dict(cfg):
         cfg.model.mllm.path = None
         cfg.model.mllm.config.text_config.vocab_size = release.vocab
-        cfg.model.sam2.update(SAM2_V2_0_FLAGS)
     with on_meta():
         return instantiate(to_plain(cfg.model), load_pretrained=False, _convert_="all")
 
@@ -211,31 +201,28 @@ def test_large_weights_are_sharded_with_an_index(tmp_path):
 # ------------------------------------------------------------ SAM 2 release files
 
 
-# this project's SAM 2.1 Hiera-L (mirrors the sam2 package's sam2.1_hiera_l.yaml)
-PROJECT_HIERA_L = Path(CONF_DIR) / "model" / "sam2" / "hiera_l.yaml"
-
-
-def project_sam2(**flags) -> torch.nn.Module:
-    """SAM 2 Hiera-L as this project's config builds it (with ``flags``), on meta."""
+def project_sam2(name: str) -> torch.nn.Module:
+    """``conf/model/sam2/<name>.yaml`` as this project builds it, on meta."""
+    config = OmegaConf.load(Path(CONF_DIR) / "model" / "sam2" / f"{name}.yaml")
     with on_meta():
-        return build_sam2({**OmegaConf.to_container(OmegaConf.load(PROJECT_HIERA_L)), **flags})
+        return build_sam2(OmegaConf.to_container(config))
 
 
 @pytest.mark.parametrize(
-    "release_yaml, flags",
-    [("sam2/sam2_hiera_l.yaml", SAM2_V2_0_FLAGS), ("sam2.1/sam2.1_hiera_l.yaml", {})],
+    "release_yaml, config",
+    [("sam2/sam2_hiera_l.yaml", "hiera_l"), ("sam2.1/sam2.1_hiera_l.yaml", "hiera_l_v2_1")],
     ids=["sam2_hiera_large.pt", "sam2.1_hiera_large.pt"],
 )
-def test_sam2_release_files_load_strictly(release_yaml, flags):
+def test_sam2_release_files_load_strictly(release_yaml, config):
     """Meta's ``{"model": state_dict}`` files, shapes from the sam2 package's own yamls."""
     release = {"model": synthetic_state(sam2_shapes(sam2_yaml_path(release_yaml)))}
-    report = compare_state_dict(project_sam2(**flags), release["model"], release_yaml)
+    report = compare_state_dict(project_sam2(config), release["model"], release_yaml)
     assert report.ok, report.summary()
 
 
 def test_a_sam2_0_file_does_not_fit_a_sam2_1_graph():
     sam2_0 = synthetic_state(sam2_shapes(sam2_yaml_path("sam2/sam2_hiera_l.yaml")))
-    report = compare_state_dict(project_sam2(), sam2_0, "sam2_hiera_large.pt")
+    report = compare_state_dict(project_sam2("hiera_l_v2_1"), sam2_0, "sam2_hiera_large.pt")
     assert sorted(report.missing) == [
         "no_obj_embed_spatial",
         "obj_ptr_tpos_proj.bias",
