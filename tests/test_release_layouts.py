@@ -80,9 +80,12 @@ def test_an_unsupported_family_is_refused_by_name():
 
 
 def project_model(compose_cfg, release: Release) -> torch.nn.Module:
-    """``conf/model/<release.config>.yaml`` on the meta device; the vocabulary is the
-    release's (Sa2VA's 5 added tokens are the tokenizer's business, not the config's)."""
+    """``conf/model/<release.config>.yaml`` on the meta device. Its vocabulary is a Sa2VA
+    release's (the base model's + the 5 Sa2VA tokens); an original InternVL folder has the
+    base vocabulary, and loading it adds the 5 tokens to the tokenizer and resizes."""
     cfg = compose_cfg(f"model={release.config}")
+    if release.layout != "internvl":
+        assert cfg.model.mllm.config.text_config.vocab_size == release.vocab, release.config
     with open_dict(cfg):
         cfg.model.mllm.path = None
         cfg.model.mllm.config.text_config.vocab_size = release.vocab
