@@ -264,6 +264,11 @@ def test_per_frame_decode_upsamples_once_and_differs_slightly(mask_model):
     straight to 448; official goes 64 -> 256 -> 448. Measured: IoU 0.964, max|diff| 0.287."""
     logits = segment(mask_model, "per_frame")
     assert logits.shape == (1, *IMAGE_HW)
+    with torch.no_grad():  # the training forward: the same low-res mask as official
+        out = mask_model(mask_model.processor.collate([train_sample(mask_model)]))
+    assert torch.equal(out.pred_masks[0][0], logits)
+    low_res = upsample(out.low_res_masks[0][0], mask_model.sam2.image_size)
+    assert max_diff(low_res, "mask.pred_masks") <= ATOL
     official = upsample(reference()["mask.pred_masks"][:, 0], IMAGE_HW)
     diff = (logits - official).abs().max().item()
     ours, theirs = logits > 0, reference()["mask.prediction_masks"].bool()
