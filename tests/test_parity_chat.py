@@ -6,7 +6,12 @@ the official `Sa2VAChatModel` on CPU in fp32 (see tests/fixtures/README.md). Eve
 goes through this project's own loaders (`model.mllm.path=<release folder>`), processor and
 model code. The release holds no SAM 2 (the official model took it from the fixture's
 `sam2_tiny_v2_0.pt`): the MLLM-side tensors compared here do not depend on it, so SAM 2 is
-built from the tiny yaml without weights.
+built from the tiny yaml without weights, except for the mask rows, whose model also loads
+that `.pt`.
+
+Measured on CPU (fp32), mask rows: SAM2 input sum equal (0.0), `pred_masks` max|diff| 5.8e-7,
+`prediction_masks` identical. The per-frame (training) decode, upsampled once to 448, agrees
+with them at IoU 0.964, max|logit diff| 0.287.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sa2va.data.processor import IGNORE_INDEX
+from sa2va.data.processor import IGNORE_INDEX, Sa2VAProcessor
 from sa2va.model.mllm import SA2VA_SPECIAL_TOKENS
 from sa2va.model.sa2va import Sa2VA
+from sa2va.model.sam2 import upsample
+from sa2va.video import probabilities, segment_video
 from tests.official_fixtures import FIXTURES, tiny_sam2_config
 
 RELEASE = FIXTURES / "sa2va_chat_tiny"
@@ -40,7 +47,9 @@ def encoding() -> dict:
     return json.loads((FIXTURES / "sa2va_chat_prompt_encoding.json").read_text())
 
 
-def build_release_model(release: Path = RELEASE, sam2_ckpt: str | None = None) -> Sa2VA:
+def build_release_model(
+    release: Path = RELEASE, sam2_ckpt: str | None = None, mask_size: int | None = None
+) -> Sa2VA:
     """The project's Sa2VA from an official release folder, with the fixture's tiny SAM 2.0
     (weights from `sam2_ckpt` if given), in fp32 with eager attention as the fixture."""
     sam2 = tiny_sam2_config()
@@ -48,6 +57,7 @@ def build_release_model(release: Path = RELEASE, sam2_ckpt: str | None = None) -
         mllm={"path": str(release), "max_tiles": 12, "attn_implementation": "eager"},
         sam2=sam2,
         sam2_ckpt=sam2_ckpt,
+        mask_size=mask_size,
     )
     return model.eval()
 
@@ -191,3 +201,75 @@ def test_greedy_generation_matches(model):
     # the model's own generate mode gives the same answer (up to the end-of-turn token)
     _, texts = model.prepare_inputs([image()], [question()], mode="generate", max_new_tokens=8)
     assert texts == [model.tokenizer.decode(sequence[:-1])]
+
+
+# ---- mask rows: official predict_forward's image branch on the teacher-forced [SEG] ------
+IMAGE_HW = (448, 448)  # image.png, the size predict_forward resizes the masks to
+
+
+def official_inference_processor(model: Sa2VA) -> Sa2VAProcessor:
+    """The model's processor with the SAM2 view normalised as official HF inference does
+    (bf16-rounded mean/std); everything else as the model's own."""
+    own = model.processor
+    return Sa2VAProcessor(
+        tokenizer=own.tokenizer,
+        image_processor=own.image_processor,
+        image_seq_length=own.image_seq_length,
+        sam2_image_size=own.sam2_image_size,
+        mask_size=own.mask_size,
+        mllm_frames=own.mllm_frames,
+        system_prompt=own.system_prompt,
+        template=own.template,
+        sam2_bf16_norm=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def mask_model() -> Sa2VA:
+    """The release with the tiny SAM 2.0 weights the official model held, decoding
+    per-frame masks straight at the image size."""
+    model = build_release_model(sam2_ckpt=str(FIXTURES / "sam2_tiny_v2_0.pt"), mask_size=448)
+    model.processor = official_inference_processor(model)
+    return model
+
+
+def segment(model: Sa2VA, video_mode: str) -> torch.Tensor:
+    """(1, S, S) logits for the fixture image, with the training answer teacher-forced."""
+    prediction = segment_video(
+        model, [image()], [question()], encoding()["answer"], video_mode=video_mode
+    )
+    return prediction.logits[0]
+
+
+def test_sam2_input_matches_the_checksum(mask_model):
+    views = train_sample(mask_model)["g_pixel_values"]
+    assert views.shape == (1, 3, 256, 256)
+    total = reference()["mask.g_pixel_values_sum"].item()
+    assert views.double().sum().item() == pytest.approx(total, rel=1e-3)
+
+
+def test_official_mask_rows_match_through_video_propagation(mask_model):
+    logits = segment(mask_model, "propagate")  # one frame: a [SEG]-conditioned frame
+    diff = max_diff(logits, "mask.pred_masks")
+    print("fixture 3 mask.pred_masks max|diff|:", diff)
+    assert logits.shape == reference()["mask.pred_masks"].shape[1:] and diff <= ATOL
+    masks = (probabilities(logits, IMAGE_HW) > 0.5).to(torch.uint8)
+    assert torch.equal(masks, reference()["mask.prediction_masks"])
+
+
+def test_per_frame_decode_upsamples_once_and_differs_slightly(mask_model):
+    """The training / `per_frame` path decodes the same low-res mask but upsamples it once,
+    straight to 448; official goes 64 -> 256 -> 448. Measured: IoU 0.964, max|diff| 0.287."""
+    logits = segment(mask_model, "per_frame")
+    assert logits.shape == (1, *IMAGE_HW)
+    with torch.no_grad():  # the training forward: the same low-res mask as official
+        out = mask_model(mask_model.processor.collate([train_sample(mask_model)]))
+    assert torch.equal(out.pred_masks[0][0], logits)
+    low_res = upsample(out.low_res_masks[0][0], mask_model.sam2.image_size)
+    assert max_diff(low_res, "mask.pred_masks") <= ATOL
+    official = upsample(reference()["mask.pred_masks"][:, 0], IMAGE_HW)
+    diff = (logits - official).abs().max().item()
+    ours, theirs = logits > 0, reference()["mask.prediction_masks"].bool()
+    iou = ((ours & theirs).sum() / (ours | theirs).sum()).item()
+    print(f"fixture 3 per-frame decode vs prediction_masks: IoU {iou:.4f}, max|diff| {diff:.4f}")
+    assert 0.95 <= iou < 1.0 and 0.2 < diff <= 0.3
