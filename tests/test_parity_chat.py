@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sa2va.data.processor import IGNORE_INDEX, Sa2VAProcessor
+from sa2va.data.processor import IGNORE_INDEX
 from sa2va.model.mllm import SA2VA_SPECIAL_TOKENS
 from sa2va.model.sa2va import Sa2VA
 from sa2va.model.sam2 import upsample
@@ -47,17 +47,16 @@ def encoding() -> dict:
     return json.loads((FIXTURES / "sa2va_chat_prompt_encoding.json").read_text())
 
 
-def build_release_model(
-    release: Path = RELEASE, sam2_ckpt: str | None = None, mask_size: int | None = None
-) -> Sa2VA:
+def build_release_model(release: Path = RELEASE, sam2_ckpt: str | None = None, **model) -> Sa2VA:
     """The project's Sa2VA from an official release folder, with the fixture's tiny SAM 2.0
-    (weights from `sam2_ckpt` if given), in fp32 with eager attention as the fixture."""
+    (weights from `sam2_ckpt` if given), in fp32 with eager attention as the fixture;
+    `model` holds further `Sa2VA` arguments."""
     sam2 = tiny_sam2_config()
     model = Sa2VA(
         mllm={"path": str(release), "max_tiles": 12, "attn_implementation": "eager"},
         sam2=sam2,
         sam2_ckpt=sam2_ckpt,
-        mask_size=mask_size,
+        **model,
     )
     return model.eval()
 
@@ -207,30 +206,13 @@ def test_greedy_generation_matches(model):
 IMAGE_HW = (448, 448)  # image.png, the size predict_forward resizes the masks to
 
 
-def official_inference_processor(model: Sa2VA) -> Sa2VAProcessor:
-    """The model's processor with the SAM2 view normalised as official HF inference does
-    (bf16-rounded mean/std); everything else as the model's own."""
-    own = model.processor
-    return Sa2VAProcessor(
-        tokenizer=own.tokenizer,
-        image_processor=own.image_processor,
-        image_seq_length=own.image_seq_length,
-        sam2_image_size=own.sam2_image_size,
-        mask_size=own.mask_size,
-        mllm_frames=own.mllm_frames,
-        system_prompt=own.system_prompt,
-        template=own.template,
-        sam2_bf16_norm=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def mask_model() -> Sa2VA:
     """The release with the tiny SAM 2.0 weights the official model held, decoding
     per-frame masks straight at the image size."""
-    model = build_release_model(sam2_ckpt=str(FIXTURES / "sam2_tiny_v2_0.pt"), mask_size=448)
-    model.processor = official_inference_processor(model)
-    return model
+    return build_release_model(
+        sam2_ckpt=str(FIXTURES / "sam2_tiny_v2_0.pt"), mask_size=448, sam2_bf16_norm=True
+    )
 
 
 def segment(model: Sa2VA, video_mode: str) -> torch.Tensor:

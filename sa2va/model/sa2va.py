@@ -83,6 +83,7 @@ class Sa2VA(nn.Module):
         mask_size: int | None = None,
         mllm_frames: int = 5,
         system_prompt: str | None = None,
+        sam2_bf16_norm: bool = False,
         gradient_checkpointing: bool = False,
         init_from_sa2va: Mapping[str, Any] | None = None,
         load_pretrained: bool = True,
@@ -100,6 +101,7 @@ class Sa2VA(nn.Module):
                 "mask_size": mask_size,
                 "mllm_frames": mllm_frames,
                 "system_prompt": system_prompt,
+                "sam2_bf16_norm": sam2_bf16_norm,
                 "gradient_checkpointing": gradient_checkpointing,
                 "init_from_sa2va": dict(init_from_sa2va) if init_from_sa2va else None,
                 "name": name,
@@ -134,6 +136,7 @@ class Sa2VA(nn.Module):
             mask_size=mask_size,
             mllm_frames=mllm_frames,
             system_prompt=system_prompt,
+            sam2_bf16_norm=sam2_bf16_norm,
         )
         if gradient_checkpointing:
             self.mllm.gradient_checkpointing_enable({"use_reentrant": False})
