@@ -108,7 +108,8 @@ def test_export_reads_no_pretrained_file(checkpoints_at, tmp_path, monkeypatch):
     assert all(torch.equal(v, state[k]) for k, v in exported.items())
 
 
-def test_lora_merged_or_kept_as_adapter(compose_cfg, tmp_path):
+def lora_checkpoint(compose_cfg, tmp_path: Path) -> tuple[Sa2VA, Path]:
+    """The default model with a LoRA adapter that matters, saved as a training checkpoint."""
     cfg = compose_cfg()
     torch.manual_seed(0)
     model = Sa2VA(**{k: v for k, v in cfg.model.items() if not k.startswith("_")})
@@ -118,6 +119,11 @@ def test_lora_merged_or_kept_as_adapter(compose_cfg, tmp_path):
             p.add_(torch.randn_like(p) * 0.02)
     ckpt = tmp_path / "lora.ckpt"
     write_training_checkpoint(ckpt, model, LORA)
+    return model, ckpt
+
+
+def test_lora_merged_or_kept_as_adapter(compose_cfg, tmp_path):
+    model, ckpt = lora_checkpoint(compose_cfg, tmp_path)
     reference = masks(model.eval())
 
     assert export(ckpt, tmp_path / "adapter", merge_lora=False)["lora"] == "adapter"
@@ -230,16 +236,7 @@ def test_official_release_in_project_model_out_is_bit_exact(tmp_path):
 
 
 def test_export_format_official_merges_lora_and_loads_back(compose_cfg, tmp_path):
-    cfg = compose_cfg()
-    model_cfg = {k: v for k, v in cfg.model.items() if not k.startswith("_")}
-    torch.manual_seed(0)
-    model = Sa2VA(**model_cfg)
-    FreezePolicy(**LORA).apply(model)
-    with torch.no_grad():  # LoRA B starts at zero: make the adapter matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    ckpt = tmp_path / "lora.ckpt"
-    write_training_checkpoint(ckpt, model, LORA)
+    model, ckpt = lora_checkpoint(compose_cfg, tmp_path)
     with pytest.raises(ValueError, match="format=official needs merge_lora=true"):
         export(ckpt, tmp_path / "adapter", merge_lora=False, format="official")
 
@@ -255,7 +252,7 @@ def test_export_format_official_merges_lora_and_loads_back(compose_cfg, tmp_path
     assert release_shapes(release, sam2) == {k: tuple(v.shape) for k, v in weights.items()}
     assert "[SEG]" in AutoTokenizer.from_pretrained(out).get_vocab()
 
-    fresh = Sa2VA(**model_cfg, load_pretrained=False)
+    fresh = Sa2VA(**model.config, load_pretrained=False)
     assert load_official_sa2va(fresh, out).ok
     model.merge_lora()
     assert same_weights(fresh, model)

@@ -31,9 +31,8 @@ from sa2va.model.mllm import SA2VA_SPECIAL_TOKENS
 from sa2va.model.sa2va import Sa2VA
 from sa2va.model.sam2 import upsample
 from sa2va.video import probabilities, segment_video
-from tests.official_fixtures import FIXTURES, tiny_sam2_config
+from tests.official_fixtures import FIXTURES, RELEASE, tiny_sam2_config
 
-RELEASE = FIXTURES / "sa2va_chat_tiny"
 ATOL = 1e-5  # the fixture README's tolerance for fp32 CPU hidden states / logits
 
 

@@ -16,7 +16,8 @@ from sa2va.model.checkpoints import CheckpointMismatchError
 from sa2va.model.mllm import SA2VA_SPECIAL_TOKENS, build_mllm
 from sa2va.model.official import official_internvl_config
 from sa2va.model.sam2 import build_sam2
-from tests.test_parity_chat import RELEASE, build_release_model
+from tests.official_fixtures import RELEASE
+from tests.test_parity_chat import build_release_model
 
 N_SA2VA = len(SA2VA_SPECIAL_TOKENS)
 

@@ -52,10 +52,9 @@ from sa2va.model.releases import (
     synthetic_state,
 )
 from tests.conftest import FAST_DATA
+from tests.official_fixtures import RELEASE as CHAT
+from tests.official_fixtures import SAM2_YAML
 
-FIXTURES = Path(__file__).parent / "fixtures" / "official_sa2va"
-CHAT = FIXTURES / "sa2va_chat_tiny"
-SAM2_YAML = FIXTURES / "sam2_tiny_v2_0.yaml"
 # Sa2VA-26B's layout at reduced size: InternViT-6B-like vision, an InternLM2 wider than (a)'s
 SA2VA_26B = Release(
     "Sa2VA-26B.pth",

@@ -47,9 +47,9 @@ from sa2va.model.releases import (
 )
 from sa2va.model.sam2 import build_sam2
 from sa2va.utils import CONF_DIR, to_plain
-
-FIXTURE = Path(__file__).parent / "fixtures" / "official_sa2va"
-CHAT = FIXTURE / "sa2va_chat_tiny"
+from tests.official_fixtures import FIXTURES as FIXTURE
+from tests.official_fixtures import RELEASE as CHAT
+from tests.official_fixtures import SAM2_YAML
 
 
 def load_sam2_fixture() -> dict[str, torch.Tensor]:
@@ -63,7 +63,7 @@ def test_shapes_match_the_official_tiny_chat_model():
     )
     official = {k: tuple(v.shape) for k, v in load_file(CHAT / "model.safetensors").items()}
     sam2 = {k: tuple(v.shape) for k, v in load_sam2_fixture().items()}
-    assert sam2_shapes(FIXTURE / "sam2_tiny_v2_0.yaml") == sam2
+    assert sam2_shapes(SAM2_YAML) == sam2
     shapes = release_shapes(release, sam2)
     grounding = {k: s for k, s in shapes.items() if k.startswith("grounding_encoder.")}
     assert {k: s for k, s in shapes.items() if k not in grounding} == official

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from sa2va.model.mllm import build_mllm, build_tiny_tokenizer, internvl_config
 from sa2va.utils import CONF_DIR
+from tests.official_fixtures import RELEASE
 
 MODEL_CONFIGS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("sa2va_*.yaml"))
-RELEASE = Path(__file__).parent / "fixtures" / "official_sa2va" / "sa2va_chat_tiny"
 
 
 def mllm_config(name: str) -> dict:

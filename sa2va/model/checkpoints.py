@@ -26,6 +26,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -258,39 +259,59 @@ RELEASE_PREFIXES: list[tuple[str, str]] = [
     ("mlp1.", "mllm.model.mlp1."),
     ("language_model.", "mllm.model.language_model."),
 ]
-# InternViT (original) -> InternVLVisionModel, on the name after the vision prefix
-VISION_RENAMES: list[tuple[str, str]] = [
-    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
-    (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
-    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
-    (r"^encoder\.layers\.(\d+)\.ls(\d)$", r"encoder.layer.\1.lambda_\2"),
-    (r"^encoder\.layers\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.projection_layer."),
-    (r"^encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.", r"encoder.layer.\1.attention.\2."),
-    (r"^encoder\.layers\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
-    (r"^encoder\.layers\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"encoder.layer.\1.mlp."),
+# (official name, our name) after the vision-tower / LLM prefix; `{n}` stands for a layer
+# index, `{p}` for the rest of the name. Both directions read these tables: loading here,
+# export in `sa2va.model.release_layout`.
+# InternViT (original) <-> transformers' InternVLVisionModel
+VISION_NAMES: list[tuple[str, str]] = [
+    ("embeddings.class_embedding", "embeddings.cls_token"),
+    ("embeddings.position_embedding", "embeddings.position_embeddings"),
+    ("embeddings.patch_embedding.{p}", "embeddings.patch_embeddings.projection.{p}"),
+    ("encoder.layers.{n}.ls1", "encoder.layer.{n}.lambda_1"),
+    ("encoder.layers.{n}.ls2", "encoder.layer.{n}.lambda_2"),
+    ("encoder.layers.{n}.attn.proj.{p}", "encoder.layer.{n}.attention.projection_layer.{p}"),
+    ("encoder.layers.{n}.attn.q_norm.{p}", "encoder.layer.{n}.attention.q_norm.{p}"),
+    ("encoder.layers.{n}.attn.k_norm.{p}", "encoder.layer.{n}.attention.k_norm.{p}"),
+    ("encoder.layers.{n}.norm1.{p}", "encoder.layer.{n}.layernorm_before.{p}"),
+    ("encoder.layers.{n}.norm2.{p}", "encoder.layer.{n}.layernorm_after.{p}"),
+    ("encoder.layers.{n}.mlp.{p}", "encoder.layer.{n}.mlp.{p}"),
 ]
-# InternLM2 -> Llama names (InternVL2.5-26B's LLM), on the name after the LLM prefix
-INTERNLM2_RENAMES: list[tuple[str, str]] = [
-    (r"^tok_embeddings\.", "embed_tokens."),
-    (r"\.attention\.wo\.", ".self_attn.o_proj."),
-    (r"\.feed_forward\.w1\.", ".mlp.gate_proj."),
-    (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
-    (r"\.feed_forward\.w2\.", ".mlp.down_proj."),
-    (r"\.attention_norm\.", ".input_layernorm."),
-    (r"\.ffn_norm\.", ".post_attention_layernorm."),
+# InternLM2 <-> Llama names (the LLM of InternVL2.5-8B/26B, Sa2VA-8B/26B)
+INTERNLM2_NAMES: list[tuple[str, str]] = [
+    ("tok_embeddings.{p}", "embed_tokens.{p}"),
+    ("norm.{p}", "norm.{p}"),
+    ("layers.{n}.attention.wo.{p}", "layers.{n}.self_attn.o_proj.{p}"),
+    ("layers.{n}.feed_forward.w1.{p}", "layers.{n}.mlp.gate_proj.{p}"),
+    ("layers.{n}.feed_forward.w3.{p}", "layers.{n}.mlp.up_proj.{p}"),
+    ("layers.{n}.feed_forward.w2.{p}", "layers.{n}.mlp.down_proj.{p}"),
+    ("layers.{n}.attention_norm.{p}", "layers.{n}.input_layernorm.{p}"),
+    ("layers.{n}.ffn_norm.{p}", "layers.{n}.post_attention_layernorm.{p}"),
 ]
-# mlp1 = Sequential(LayerNorm, Linear, GELU, Linear)
-MLP1_RENAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+# mlp1 = Sequential(LayerNorm, Linear, GELU, Linear): official index -> our name
+MLP1_NAMES = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+
+
+@cache
+def _name_pattern(template: str) -> re.Pattern[str]:
+    """A name template of the tables above as a regex: `{n}` a layer index, `{p}` the rest."""
+    pattern = re.escape(template).replace(re.escape("{n}"), r"(?P<n>\d+)")
+    return re.compile(pattern.replace(re.escape("{p}"), r"(?P<p>.+)"))
+
+
+def rename_by_table(
+    name: str, table: Sequence[tuple[str, str]], to_official: bool = False
+) -> str | None:
+    """``name`` renamed by the first matching (official, ours) pair of ``table``, from the
+    official name to ours (or back with ``to_official``); None when no pair matches."""
+    for official, ours in table:
+        source, target = (ours, official) if to_official else (official, ours)
+        if match := _name_pattern(source).fullmatch(name):
+            return target.format(**match.groupdict())
+    return None
+
 
 VISION_QKV = re.compile(r"^encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
 INTERNLM2_WQKV = re.compile(r"^layers\.(\d+)\.attention\.wqkv\.weight$")
-
-
-def _rename(name: str, rules: Sequence[tuple[str, str]]) -> str:
-    for pattern, replacement in rules:
-        name = re.sub(pattern, replacement, name)
-    return name
 
 
 def split_internlm2_wqkv(weight: Tensor, num_heads: int, num_kv_heads: int) -> list[Tensor]:
@@ -328,10 +349,10 @@ def _map_official(
                 f"{new}encoder.layer.{layer}.attention.{part}_proj.{kind}": chunk.contiguous()
                 for part, chunk in zip("qkv", tensor.chunk(3, dim=0), strict=True)
             }
-        return {new + _rename(rest, VISION_RENAMES): tensor}
+        return {new + (rename_by_table(rest, VISION_NAMES) or rest): tensor}
     if new == "mllm.model.multi_modal_projector.":
         index, _, param = rest.partition(".")
-        return {f"{new}{MLP1_RENAMES.get(index, index)}.{param}": tensor}
+        return {f"{new}{MLP1_NAMES.get(index, index)}.{param}": tensor}
     if new == "mllm.model.language_model." and text_model_type == "llama":
         if match := INTERNLM2_WQKV.match(rest):
             parts = split_internlm2_wqkv(tensor, num_heads, num_kv_heads)
@@ -339,7 +360,7 @@ def _map_official(
                 f"{new}layers.{match.group(1)}.self_attn.{part}_proj.weight": chunk
                 for part, chunk in zip("qkv", parts, strict=True)
             }
-        return {new + _rename(rest, INTERNLM2_RENAMES): tensor}
+        return {new + (rename_by_table(rest, INTERNLM2_NAMES) or rest): tensor}
     return {new + rest: tensor}
 
 

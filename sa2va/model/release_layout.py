@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sa2va.model.checkpoints import INTERNLM2_NAMES, MLP1_NAMES, VISION_NAMES, rename_by_table
+
 # InternVL's prompt template name (Sa2VAChatConfig.template) by text family; Sa2VA-4B
 # (InternVL2.5-4B) is a Qwen2 model but its release uses phi3_chat: pass it explicitly.
 DEFAULT_TEMPLATES = {"qwen2": "qwen_chat", "llama": "internlm2_chat"}
@@ -56,32 +58,6 @@ TEXT = ("mllm.model.language_model.", "mllm.model.language_model.model.")
 SAM2 = ("sam2.", "grounding_encoder.sam2_model.")
 FCS = ("text_hidden_fcs.", "text_hidden_fcs.")
 
-# InternVLVisionModel -> InternViT, on the name after the vision prefix; first match wins
-VISION_TO_OFFICIAL: list[tuple[str, str]] = [
-    (r"^embeddings\.cls_token$", "embeddings.class_embedding"),
-    (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
-    (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
-    (r"^encoder\.layer\.(\d+)\.lambda_(\d)$", r"encoder.layers.\1.ls\2"),
-    (r"^encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"encoder.layers.\1.attn.proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.", r"encoder.layers.\1.attn.\2."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"encoder.layers.\1.norm1."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"encoder.layers.\1.norm2."),
-    (r"^encoder\.layer\.(\d+)\.mlp\.(fc\d\.(weight|bias))$", r"encoder.layers.\1.mlp.\2"),
-]
-# Llama names -> InternLM2 (Sa2VA-8B/26B), on the name after the text prefix
-INTERNLM2_TO_OFFICIAL: list[tuple[str, str]] = [
-    (r"^embed_tokens\.weight$", "tok_embeddings.weight"),
-    (r"^norm\.weight$", "norm.weight"),
-    (r"^layers\.(\d+)\.self_attn\.o_proj\.weight$", r"layers.\1.attention.wo.weight"),
-    (r"^layers\.(\d+)\.mlp\.gate_proj\.weight$", r"layers.\1.feed_forward.w1.weight"),
-    (r"^layers\.(\d+)\.mlp\.up_proj\.weight$", r"layers.\1.feed_forward.w3.weight"),
-    (r"^layers\.(\d+)\.mlp\.down_proj\.weight$", r"layers.\1.feed_forward.w2.weight"),
-    (r"^layers\.(\d+)\.input_layernorm\.weight$", r"layers.\1.attention_norm.weight"),
-    (r"^layers\.(\d+)\.post_attention_layernorm\.weight$", r"layers.\1.ffn_norm.weight"),
-]
-# mlp1 = Sequential(LayerNorm, Linear, GELU, Linear)
-PROJECTOR_TO_OFFICIAL = {"layer_norm": "0", "linear_1": "1", "linear_2": "3"}
-
 VISION_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
 TEXT_QKV = re.compile(r"^layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
 
@@ -90,12 +66,11 @@ class NoOfficialNameError(KeyError):
     """A key of this project's model that has no counterpart in the official layout."""
 
 
-def _rename_strict(name: str, rules: Sequence[tuple[str, str]], where: str) -> str:
-    for pattern, replacement in rules:
-        renamed, count = re.subn(pattern, replacement, name)
-        if count:
-            return renamed
-    raise NoOfficialNameError(f"{where}{name}: no official name for this key")
+def _official_name(rest: str, table: Sequence[tuple[str, str]], where: str) -> str:
+    name = rename_by_table(rest, table, to_official=True)
+    if name is None:
+        raise NoOfficialNameError(f"{where}{rest}: no official name for this key")
+    return name
 
 
 def fuse_internlm2_wqkv(q: Tensor, k: Tensor, v: Tensor, num_kv_heads: int) -> Tensor:
@@ -122,7 +97,7 @@ def _vision(rest: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             return {}  # folded into the q entry
         fused = torch.cat(_qkv_parts(state, our + rest))
         return {f"{official}encoder.layers.{layer}.attn.qkv.{kind}": fused}
-    return {official + _rename_strict(rest, VISION_TO_OFFICIAL, our): state[our + rest]}
+    return {official + _official_name(rest, VISION_NAMES, our): state[our + rest]}
 
 
 def _text(rest: str, state: Mapping[str, Tensor], internlm2: bool, kv: int) -> dict[str, Tensor]:
@@ -137,14 +112,15 @@ def _text(rest: str, state: Mapping[str, Tensor], internlm2: bool, kv: int) -> d
             return {}
         fused = fuse_internlm2_wqkv(*_qkv_parts(state, our + rest), num_kv_heads=kv)
         return {f"{official}layers.{layer}.attention.wqkv.weight": fused}
-    return {official + _rename_strict(rest, INTERNLM2_TO_OFFICIAL, our): state[our + rest]}
+    return {official + _official_name(rest, INTERNLM2_NAMES, our): state[our + rest]}
 
 
 def _projector(rest: str, tensor: Tensor) -> dict[str, Tensor]:
     name, _, param = rest.partition(".")
-    if name not in PROJECTOR_TO_OFFICIAL:
+    index = {ours: official for official, ours in MLP1_NAMES.items()}.get(name)
+    if index is None:
         raise NoOfficialNameError(f"{PROJECTOR[0]}{rest}: no official name for this key")
-    return {f"{PROJECTOR[1]}{PROJECTOR_TO_OFFICIAL[name]}.{param}": tensor}
+    return {f"{PROJECTOR[1]}{index}.{param}": tensor}
 
 
 def sa2va_to_official(
