@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m sa2va.bench [bench.sections=[data,memory]] [bench.doc=README.md]``.
+"""Benchmarks: ``python -m sa2va.bench [bench.sections=[data,memory]] [bench.doc=PATH]``.
 
 Every comparison runs its variants in this one process, interleaved: warm-up rounds first,
 then ``bench.repeats`` rounds that alternate the order (A B, B A, ...), and the row reports
@@ -23,7 +23,8 @@ Sections (``bench.sections``):
   local files that is the 8B shape with random weights (see :meth:`Bench.build`).
 
 Outputs: the table on stdout, ``bench.json`` and ``bench.md`` in the run dir, and with
-``bench.doc`` the Markdown fragment between the bench markers of that file.
+``bench.doc`` the Markdown fragment between the bench markers of that file
+(``bench.doc=docs/benchmarks.md`` rewrites the table in the docs).
 """
 
 from __future__ import annotations

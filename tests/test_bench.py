@@ -1,6 +1,6 @@
 """The benchmark in a smoke configuration: output structure and the "identical" checks.
 
-No timing is asserted anywhere: timings belong in the README benchmarks section, not in tests.
+No timing is asserted anywhere: timings belong in docs/benchmarks.md, not in tests.
 """
 
 from __future__ import annotations
