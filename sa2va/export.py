@@ -25,7 +25,9 @@ The official modeling code is not part of this project (and this project never r
 code): copy the ``*.py`` files of the official ``projects/sa2va/hf/models/`` into the folder,
 as the official ``tools/convert_to_hf.py`` does, and the official Sa2VA loads it from there.
 
-Seed 001 §6.1 cannot happen here: the architecture is rebuilt from the checkpoint's own
+An earlier failure (a converter that built the model from a pretrained file and loaded the
+trained checkpoint with ``strict=False``, so two checkpoints exported the same model) cannot
+happen here: the architecture is rebuilt from the checkpoint's own
 config with ``load_pretrained=False`` (no pretrained file is opened) and every weight must
 load strictly, so two different checkpoints always export different models.
 """

@@ -1,12 +1,12 @@
 """Segmentation metrics for OCT vessel masks: per image, aggregated, temporal, and in-loop.
 
-Conventions (DESIGN.md §5, seed 001 §5), fixed here once:
+Conventions, fixed here once for training validation, eval and reports alike:
 
-* Binarisation: a pixel is vessel when ``prob > threshold`` (strict, as in seed 001).
+* Binarisation: a pixel is vessel when ``prob > threshold`` (strict, as the user specifies).
   Per-image functions take binary masks (bool, or 0/1 values) of shape (H, W).
 * Empty-mask policy for the bounded scores (IoU, Dice, precision, recall, clDice, NSD):
   every ratio is ``num / den``; ``0/0`` resolves to **1 when prediction and ground truth
-  are both empty** (a correct "no vessel" answer, seed 001: union 0 -> IoU 1) and to **0
+  are both empty** (a correct "no vessel" answer: union 0 -> IoU 1) and to **0
   otherwise**. So false positives on a vessel-free frame score 0 on every overlap metric
   (recall included), and an empty prediction on a vessel frame scores 0 (precision
   included). MONAI (NaN for empty GT) and torchmetrics (0 for both empty) differ.

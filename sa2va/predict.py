@@ -61,7 +61,7 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
     """A trained model in eval mode on ``device`` and the checkpoint's metadata, through
     :func:`sa2va.model.checkpoints.load_trained` (or :func:`sa2va.export.load_exported` for an
     export folder): nothing pretrained is read and every weight loads strictly, so a
-    checkpoint never falls back to pretrained weights (seed 001 §6.1)."""
+    checkpoint never falls back to pretrained weights."""
     from sa2va.model.checkpoints import load_trained
 
     path = Path(ckpt_path).expanduser()

@@ -44,7 +44,7 @@ def seg_owners(prompts: Sequence[str], answers: Sequence[str]) -> list[int]:
     """Prompt index of every [SEG] token, in the order the model reads them.
 
     A turn's [SEG]s are those in its prompt, then those in its answer ("Segment vessels [SEG]
-    and optic disc [SEG]", seed 000 §4.3), so one prompt can own several masks or none.
+    and optic disc [SEG]"), so one prompt can own several masks or none.
     """
     return [
         i

@@ -1,5 +1,5 @@
-"""Export: the seed 001 §6.1 failure (different checkpoints exporting the same model) is
-impossible — nothing pretrained is read and every weight loads strictly."""
+"""Export: the failure of the user's earlier converter (different checkpoints exporting the
+same model) is impossible — nothing pretrained is read and every weight loads strictly."""
 
 from __future__ import annotations
 

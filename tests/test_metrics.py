@@ -1,7 +1,7 @@
 """Tests for sa2va.metrics against hand-computed cases and independent library references.
 
 References: torchmetrics (binary Jaccard/F1/precision/recall, average precision), MONAI
-(HD95, surface Dice). Library empty-mask conventions differ from ours (DESIGN.md §5), so
+(HD95, surface Dice). Library empty-mask conventions differ from ours (``sa2va.metrics``), so
 those cases are checked by hand only.
 """
 

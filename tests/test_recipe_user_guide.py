@@ -1,6 +1,6 @@
-"""The user's guide recipe (seed 002) trains a step, from stand-ins of its three files.
+"""The user's training guide recipe trains a step, from stand-ins of its three files.
 
-Seed 002 starts an 8B Sa2VA from
+The guide starts an 8B Sa2VA from
 
 (a) ``OpenGVLab/InternVL3-8B`` in its original layout as ``model.mllm.path``: ``config.json``
     (``internvl_chat``), a tokenizer without the Sa2VA tokens, ``model.safetensors`` with

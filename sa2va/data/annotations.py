@@ -2,10 +2,11 @@
 
 Formats (a file is a JSON list of records; formats may even be mixed):
 
-* seed 002: ``{"image", "mask": [{"segmentation": [[x1, y1, ...], ...], "category_id"}],
+* the user's (COCO-style polygons):
+  ``{"image", "mask": [{"segmentation": [[x1, y1, ...], ...], "category_id"}],
   "conversations"}`` -- all entries of one category form one object (union of polygons),
   named through ``category_names``.
-* seed 004 / official Sa2VA: ``{"image", "text": [name, ...], "mask": [[poly, ...], ...]}``
+* official Sa2VA: ``{"image", "text": [name, ...], "mask": [[poly, ...], ...]}``
   -- ``text[i]`` names object ``i`` whose polygons are ``mask[i]``.
 * binary mask PNGs: a record field ``"mask_file"``, or (when a record has no polygons)
   ``masks/<stem>.png`` / ``masks/<stem>_mask.png`` next to ``images/``.

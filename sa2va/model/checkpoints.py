@@ -14,7 +14,8 @@ the caller names as expected-missing):
 * This project's own training checkpoints (Lightning ``.ckpt`` files or DeepSpeed ZeRO
   checkpoint folders): :func:`load_trained` rebuilds the architecture from the checkpoint's
   own config with ``load_pretrained=False`` and loads every weight strictly, so a checkpoint
-  can never fall back to pretrained weights (seed 001 §6.1).
+  can never fall back to pretrained weights (an earlier converter loaded the trained
+  checkpoint non-strictly over a pretrained build, so two checkpoints exported one model).
 
 Files are read with ``torch.load(weights_only=True)`` or safetensors; no remote code runs.
 """
@@ -395,8 +396,8 @@ def load_official_sa2va(
     """Load an official Sa2VA checkpoint into a :class:`~sa2va.model.sa2va.Sa2VA`.
 
     ``include`` (prefixes in our naming, e.g. ``["sam2."]``) loads only those parts — how
-    seed 002 starts an 8B model from Sa2VA-26B, whose LLM and projector shapes differ; every
-    other key is then expected-missing. Call it before LoRA is added.
+    the user's training guide starts an 8B model from Sa2VA-26B, whose LLM and projector
+    shapes differ; every other key is then expected-missing. Call it before LoRA is added.
     """
     if ".base_model.model." in "".join(n for n, _ in model.named_parameters()):
         raise ValueError("load_official_sa2va: load official weights before adding LoRA")

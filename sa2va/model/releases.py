@@ -115,7 +115,7 @@ _RELEASES = [
     Release("ByteDance/Sa2VA-InternVL3-2B", INTERNVIT_300M, QWEN2_5_1_5B, "sa2va_2b"),
     Release("ByteDance/Sa2VA-InternVL3-8B", INTERNVIT_300M, QWEN2_5_7B, "sa2va_8b"),
     Release("ByteDance/Sa2VA-InternVL3-14B", INTERNVIT_300M, QWEN2_5_14B, "sa2va_14b"),
-    # official training checkpoints (xtuner .pth); seed 002 starts SAM 2 from Sa2VA-26B.pth
+    # official training checkpoints (xtuner .pth); the user's guide takes SAM 2 from Sa2VA-26B.pth
     Release("Sa2VA-26B.pth", INTERNVIT_6B, INTERNLM2_5_20B, "sa2va_26b", layout="xtuner"),
     Release("Sa2VA-InternVL3-8B.pth", INTERNVIT_300M, QWEN2_5_7B, "sa2va_8b", layout="xtuner"),
     # OpenGVLab's original InternVL3 folders (the user's starting MLLM)

@@ -2,7 +2,7 @@
 
 Training uses teacher forcing (the answer, e.g. "Sure, [SEG].", is in `input_ids` and
 `labels`), so gradients reach the LLM, the projector and SAM2. Predicting through
-`generate` would give none (seed 004).
+`generate` would give none (transformers runs it under `torch.no_grad`).
 """
 
 from __future__ import annotations
