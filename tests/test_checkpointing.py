@@ -13,15 +13,18 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from torch.utils.data import Dataset
 
 from sa2va.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
     ResumableDataLoader,
     ResumableSampler,
+    RNGState,
     rng_states,
     set_rng_states,
 )
+from sa2va.data.datamodule import OCTClipDataset
 from sa2va.train import train
 from sa2va.utils import REPO_ROOT
 from tests.conftest import FAST_TRAIN
@@ -119,8 +122,18 @@ def test_trainer_configs_wire_the_checkpoint_io(compose_cfg):
 # ------------------------------------------------------------------ data order
 
 
+class _Indices(Dataset):
+    """Ten samples that are their own index (the sampler hands ``(epoch, index)``)."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, key: tuple[int, int]) -> int:
+        return key[1]
+
+
 def _loader(seed: int = 0) -> ResumableDataLoader:
-    data = list(range(10))
+    data = _Indices()
     return ResumableDataLoader(data, batch_size=3, sampler=ResumableSampler(data, seed=seed))
 
 
@@ -155,6 +168,26 @@ def test_a_restored_loader_continues_the_interrupted_epoch():
     assert len(_epoch(restored, 3)) == 4  # the skip applies to the interrupted epoch only
 
 
+def test_the_sampler_tells_the_dataset_the_epoch():
+    sampler = ResumableSampler(_Indices(), seed=0)
+    sampler.set_epoch(3)
+    assert {epoch for epoch, _ in sampler} == {3}
+
+
+def test_flips_are_a_function_of_seed_epoch_and_index_only():
+    """Not of the global generators or of a worker's stream: a resumed run, or one with
+    another data.num_workers, flips the same samples."""
+    dataset = OCTClipDataset([[]] * 50, hflip_prob=0.5, augment_seed=7)
+    torch.manual_seed(0)
+    flips = [dataset.flips(epoch, i) for epoch in (0, 1) for i in range(50)]
+    torch.manual_seed(1), np.random.seed(1)
+    assert flips == [dataset.flips(epoch, i) for epoch in (0, 1) for i in range(50)]
+    assert 30 < sum(flips) < 70 and flips[:50] != flips[50:]  # random, and new each epoch
+    other_seed = OCTClipDataset([[]] * 50, hflip_prob=0.5, augment_seed=8)
+    assert flips[:50] != [other_seed.flips(0, i) for i in range(50)]
+    assert not any(OCTClipDataset([[]] * 50).flips(0, i) for i in range(50))
+
+
 def test_a_restored_loader_starts_a_later_epoch_in_full():
     restored = _loader()
     restored.load_state_dict({"epoch": 1, "batches": 4})  # saved at the end of epoch 1
@@ -162,6 +195,22 @@ def test_a_restored_loader_starts_a_later_epoch_in_full():
 
 
 # ------------------------------------------------------------------ RNG state
+
+
+def test_rng_state_is_restored_at_the_first_training_batch_and_validation_is_neutral():
+    callback = RNGState()
+    torch.manual_seed(3)
+    saved = callback.state_dict()
+    expected = torch.rand(1)
+    callback.load_state_dict(saved)
+    torch.rand(5)  # a restart draws while it builds the model and the loaders
+    callback.on_train_batch_start()
+    assert torch.equal(torch.rand(1), expected)
+    before = torch.get_rng_state()
+    callback.on_validation_start()
+    torch.rand(5)
+    callback.on_validation_end()
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):

@@ -59,10 +59,16 @@ def _last(run: str | Path) -> dict:
     return torch.load(Path(run) / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-def _check_resume(compose_cfg: Callable[..., DictConfig], tmp_path: Path, crash: Callable) -> None:
+def _check_resume(
+    compose_cfg: Callable[..., DictConfig],
+    tmp_path: Path,
+    crash: Callable,
+    overrides: tuple[str, ...] = (),
+) -> None:
     """Uninterrupted run vs. crash (``crash(run_dir)``) + resume from the crashed run's
-    last.ckpt: same weights, optimiser and scheduler state (bit for bit) and same metrics."""
-    full = compose_cfg(*RESUMABLE)
+    last.ckpt, both with ``overrides``: same weights, optimiser and scheduler state (bit for
+    bit) and same metrics."""
+    full = compose_cfg(*RESUMABLE, *overrides)
     full_summary = train(full)
     expected = _last(full.paths.output_dir)
 
@@ -70,7 +76,7 @@ def _check_resume(compose_cfg: Callable[..., DictConfig], tmp_path: Path, crash:
     crash(crashed)
     assert _last(crashed)["global_step"] == CRASH_STEP - 1
 
-    resumed = compose_cfg(*RESUMABLE, f"ckpt_path={crashed}/checkpoints/last.ckpt")
+    resumed = compose_cfg(*RESUMABLE, *overrides, f"ckpt_path={crashed}/checkpoints/last.ckpt")
     with open_dict(resumed):
         resumed.paths.output_dir = str(crashed)  # the same run dir, as documented
     summary = train(resumed)
@@ -89,10 +95,17 @@ def _check_resume(compose_cfg: Callable[..., DictConfig], tmp_path: Path, crash:
     assert written["status"] == "completed" and written["global_step"] == 8
 
 
-def test_crashed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path):
+# Random flips and dropout both on: the global RNG and each sample's augmentation must
+# continue exactly across a resume.
+RANDOM = ("data.hflip_prob=0.5", "model.projector.dropout=0.1")
+
+
+@pytest.mark.parametrize("overrides", [(), RANDOM], ids=["plain", "flip+dropout"])
+def test_crashed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path, overrides):
     def crash(run_dir: Path) -> None:
         cfg = compose_cfg(
             *RESUMABLE,
+            *overrides,
             "+callbacks.crash._target_=tests.test_resume.CrashAt",
             f"+callbacks.crash.step={CRASH_STEP}",
         )
@@ -101,7 +114,7 @@ def test_crashed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path):
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(cfg)
 
-    _check_resume(compose_cfg, tmp_path, crash)
+    _check_resume(compose_cfg, tmp_path, crash, overrides)
 
 
 @pytest.mark.slow
