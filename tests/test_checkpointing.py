@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import subprocess
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 from sa2va.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
+    DiskFullError,
     ResumableDataLoader,
     ResumableSampler,
     RNGState,
@@ -117,6 +119,74 @@ def test_trainer_configs_wire_the_checkpoint_io(compose_cfg):
     trainer = instantiate(compose_cfg().trainer, logger=False)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert compose_cfg("trainer=deepspeed_stage_3").trainer.plugins is None
+
+
+# ------------------------------------------------------------------ full disk
+
+
+def _full_disk(monkeypatch, when=lambda checkpoint: True) -> None:
+    """torch.save writes part of the file, then fails as a full disk does (when ``when``)."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if not when(obj):
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_was_needed(saved, monkeypatch):
+    before = saved.read_bytes()
+    _full_disk(monkeypatch)
+    big = {"state_dict": {"w": torch.zeros(512, 512)}, "global_step": 4}  # 1 MiB
+    with pytest.raises(DiskFullError) as error:
+        AtomicCheckpointIO().save_checkpoint(big, saved)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{saved}: no space left on device")
+    assert "needs about 1.0 MiB" in message and f"free in {saved.parent}" in message
+    assert saved.read_bytes() == before
+    assert [p.name for p in saved.parent.iterdir()] == ["last.ckpt"]
+    assert AtomicCheckpointIO().load_checkpoint(saved)["global_step"] == 3
+
+
+def test_a_full_disk_at_a_periodic_checkpoint_logs_one_line_and_training_goes_on(
+    compose_cfg, monkeypatch, caplog
+):
+    """FAST_TRAIN validates (and writes the best checkpoint) at steps 2 and 4; last.ckpt is
+    due after every step, and the disk is full for the writes after steps 1 and 3."""
+    _full_disk(
+        monkeypatch, when=lambda ckpt: isinstance(ckpt, dict) and ckpt.get("global_step") in (1, 3)
+    )
+    cfg = compose_cfg(
+        *FAST_TRAIN, "logger=none", "callbacks.resume_checkpoint.every_n_train_steps=1"
+    )
+    summary = train(cfg)
+    assert summary["status"] == "completed" and summary["global_step"] == 4
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("no space left on device" in e for e in errors)
+    assert all(e.endswith("training goes on") and "last.ckpt" in e for e in errors)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert AtomicCheckpointIO().load_checkpoint(last)["global_step"] == 4
+
+
+def test_a_full_disk_during_export_leaves_nothing_behind(compose_cfg, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from sa2va.export import export
+    from tests.test_export import lora_checkpoint
+
+    _, ckpt = lora_checkpoint(compose_cfg, tmp_path)
+    out = tmp_path / "export"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    with pytest.raises(DiskFullError, match=rf"^{out}: no space left on device .* needs about"):
+        export(ckpt, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.ckpt"]
 
 
 # ------------------------------------------------------------------ data order

@@ -79,9 +79,13 @@ def _check_resume(
     resumed = compose_cfg(*RESUMABLE, *overrides, f"ckpt_path={crashed}/checkpoints/last.ckpt")
     with open_dict(resumed):
         resumed.paths.output_dir = str(crashed)  # the same run dir, as documented
-    summary = train(resumed)
-    got = _last(crashed)
+    assert_same_end(train(resumed), crashed, full_summary, expected)
 
+
+def assert_same_end(summary: dict, run_dir: Path, expected_summary: dict, expected: dict) -> None:
+    """The run in ``run_dir`` (which returned ``summary``) ended where the uninterrupted run
+    did: weights, optimiser and scheduler state bit for bit, the same metrics."""
+    got = _last(run_dir)
     assert got["global_step"] == expected["global_step"] == 8
     assert got["state_dict"].keys() == expected["state_dict"].keys()
     for name, value in expected["state_dict"].items():
@@ -90,8 +94,8 @@ def _check_resume(
     assert got_opt["param_groups"] == expected_opt["param_groups"]
     torch.testing.assert_close(got_opt["state"], expected_opt["state"], rtol=0, atol=0)
     assert got["lr_schedulers"] == expected["lr_schedulers"]
-    assert summary["metrics"] == full_summary["metrics"]
-    written = json.loads((crashed / "metrics.json").read_text())
+    assert summary["metrics"] == expected_summary["metrics"]
+    written = json.loads((run_dir / "metrics.json").read_text())
     assert written["status"] == "completed" and written["global_step"] == 8
 
 
@@ -100,7 +104,17 @@ def _check_resume(
 RANDOM = ("data.hflip_prob=0.5", "model.projector.dropout=0.1")
 
 
-@pytest.mark.parametrize("overrides", [(), RANDOM], ids=["plain", "flip+dropout"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param((), id="plain"),
+        pytest.param(RANDOM, id="flip+dropout"),
+        pytest.param((*RANDOM, "data.num_workers=2"), id="workers2", marks=pytest.mark.slow),
+        pytest.param(
+            (*RANDOM, "trainer.accumulate_grad_batches=2"), id="accumulate2", marks=pytest.mark.slow
+        ),
+    ],
+)
 def test_crashed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path, overrides):
     def crash(run_dir: Path) -> None:
         cfg = compose_cfg(
@@ -246,8 +260,8 @@ def test_nonfinite_step_stops_the_run_with_on_nonfinite_stop(tiny, poison, messa
 
 
 def test_slurm_trainer_requeues_into_the_same_run_dir(compose_cfg, monkeypatch):
-    """trainer=slurm: SIGUSR1 -> hpc_ckpt in the run dir + requeue; the requeued job (same
-    SLURM_JOB_ID) gets the same run dir, where Lightning finds that checkpoint."""
+    """trainer=slurm: SIGUSR1 -> preempted.ckpt in the run dir + requeue; the requeued job
+    (same SLURM_JOB_ID) gets the same run dir, where train() finds that checkpoint."""
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     cfg = compose_cfg("trainer=slurm", "trainer.accelerator=cpu", "trainer.precision=32-true")
     assert cfg.hydra.run.dir == "outputs/train/slurm/4242"
@@ -255,6 +269,8 @@ def test_slurm_trainer_requeues_into_the_same_run_dir(compose_cfg, monkeypatch):
     (environment,) = [
         p for p in instantiate(cfg.trainer.plugins) if isinstance(p, SLURMEnvironment)
     ]
-    assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR1
+    # Lightning's requeue handler (a save from inside the signal handler) is off: the
+    # Preemption callback saves at a step boundary and requeues
+    assert not environment.auto_requeue and cfg.callbacks.preemption.requeue
     trainer = instantiate(cfg.trainer, logger=False)  # Lightning takes both plugins
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
