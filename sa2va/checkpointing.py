@@ -42,6 +42,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -266,10 +267,22 @@ class RNGState(L.Callback):
         self._before_validation: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return rng_states()
+        """Every rank's states (``ranks``: one entry per rank): only rank 0 writes the file,
+        and under DDP each rank has its own generators. Lightning builds the checkpoint on
+        every rank, so the gather has all ranks taking part."""
+        states = rng_states()
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {"ranks": [states]}
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, states)
+        return {"ranks": gathered}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
+        """This rank's states (rank 0's when the run had fewer ranks; a checkpoint from
+        before per-rank states holds one set)."""
+        ranks = state_dict.get("ranks", [state_dict])
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self._pending = ranks[rank] if rank < len(ranks) else ranks[0]
 
     def on_train_batch_start(self, *args: Any) -> None:
         if self._pending is not None:
@@ -355,10 +368,12 @@ class Preemption(L.Callback):
         self._step_at_batch_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        stepped = trainer.global_step != self._step_at_batch_start
-        if self.received is None or not stepped:
+        if trainer.global_step == self._step_at_batch_start:  # mid accumulation window
             return
-        name = signal.Signals(self.received).name
+        # every rank stops at the same step even when the signal reached them apart
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        name = signal.Signals(self.received).name if self.received else "another rank's signal"
         trainer.save_checkpoint(self.path)
         if self.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
             self._requeue()

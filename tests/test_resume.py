@@ -156,6 +156,31 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(compose_cfg, tmp_
     _check_resume(compose_cfg, tmp_path, crash)
 
 
+@pytest.mark.slow
+def test_two_process_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
+    """2-process CPU DDP (gloo), flips and dropout on: each rank's generators come back."""
+
+    def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "sa2va.train", *RESUMABLE, *RANDOM, "trainer.devices=2",
+                   "+trainer.strategy=ddp_find_unused_parameters_true",
+                   f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}", *extra]  # fmt: skip
+        return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+
+    full_dir, crashed = tmp_path / "full", tmp_path / "crashed"
+    full = run(full_dir)
+    assert full.returncode == 0, full.stderr[-3000:]
+    crash = run(crashed, "+callbacks.crash._target_=tests.test_resume.CrashAt",
+                f"+callbacks.crash.step={CRASH_STEP}")  # fmt: skip
+    assert crash.returncode != 0 and "simulated crash" in crash.stderr, crash.stderr[-3000:]
+    assert _last(crashed)["global_step"] == CRASH_STEP - 1
+    resumed = run(crashed, f"ckpt_path={crashed}/checkpoints/last.ckpt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary, expected_summary = (
+        json.loads((d / "metrics.json").read_text()) for d in (crashed, full_dir)
+    )
+    assert_same_end(summary, crashed, expected_summary, _last(full_dir))
+
+
 # ------------------------------------------------------------------ non-finite steps
 
 
