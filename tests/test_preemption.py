@@ -19,7 +19,7 @@ from omegaconf import open_dict
 from sa2va.checkpointing import REQUEUE_EXIT_CODE, Preempted, Preemption
 from sa2va.train import train
 from sa2va.utils import REPO_ROOT
-from tests.test_resume import RANDOM, RESUMABLE, _last, assert_same_end
+from tests.test_resume import RANDOM, RESUMABLE, assert_same_end, uninterrupted
 
 
 class SignalAt(L.Callback):
@@ -43,15 +43,10 @@ class SignalDuringPreemptionSave(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _uninterrupted(compose_cfg) -> tuple[dict, dict]:
-    full = compose_cfg(*RESUMABLE, *RANDOM)
-    return train(full), _last(full.paths.output_dir)
-
-
 def test_sigterm_checkpoints_at_the_step_boundary_and_a_restart_resumes_exactly(
     compose_cfg, tmp_path
 ):
-    expected_summary, expected = _uninterrupted(compose_cfg)
+    expected_summary, expected = uninterrupted(compose_cfg, RANDOM)
     run_dir = tmp_path / "run"
 
     def run(*extra: str) -> dict:
@@ -79,7 +74,7 @@ def test_sigusr1_to_a_training_process_then_the_same_command_ends_exactly(
 ):
     """A real signal from outside, at whatever step the process has reached, and a second
     one (SIGTERM) while the checkpoint is being written."""
-    expected_summary, expected = _uninterrupted(compose_cfg)
+    expected_summary, expected = uninterrupted(compose_cfg, RANDOM)
     run_dir = tmp_path / "run"
     command = [
         sys.executable,
