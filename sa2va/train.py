@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from sa2va.checkpointing import Preempted, preempted_checkpoint
@@ -100,7 +101,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["error"] = f"{type(error).__name__}: {error}"
         raise
     finally:
-        atomic_write_json(output_dir / "metrics.json", summary)
+        # rank 0's summary: under DDP every rank gets here, and the train/* values it holds
+        # are its own batches' (the last writer would win at random)
+        if rank_zero_only.rank == 0:
+            atomic_write_json(output_dir / "metrics.json", summary)
         _finish_wandb(summary)
     log.info("metrics: %s", summary["metrics"])
     return summary
