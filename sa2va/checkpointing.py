@@ -8,16 +8,32 @@
   local /tmp), keeping the whole checkpoint in memory twice on the way.
 * :class:`ResumableSampler` + :class:`ResumableDataLoader`: the training order of an epoch is
   a permutation fixed by ``seed + epoch``; Lightning saves the loader's position in each
-  checkpoint and a resumed run skips the batches the epoch already trained on.
+  checkpoint and a resumed run skips the batches the epoch already trained on. The sampler
+  hands the dataset ``(epoch, index)`` pairs, so a sample's augmentation can be a pure
+  function of (seed, epoch, index), the same in any worker and after any resume.
 * :class:`RNGState` (callback): python / NumPy / torch / CUDA generator states travel in the
-  checkpoint, so dropout and random augmentation continue as if never interrupted.
+  checkpoint and are put back just before the first training step after a resume (a
+  restart draws from the global generators while it builds the model and the loaders), so
+  dropout continues as if never interrupted. Validation leaves the states as it found them.
+* :class:`Preemption` (callback): SIGUSR1 (SLURM's ``--signal``) or SIGTERM -> a checkpoint
+  at the next optimiser-step boundary, then exit with :data:`REQUEUE_EXIT_CODE`; the next
+  ``train()`` in the same run dir resumes from it with no arguments.
+* A full disk (``ENOSPC``) while writing a checkpoint leaves the previous file as it was and
+  raises :class:`DiskFullError` (one line: the file, the space needed and free);
+  :class:`ResumeCheckpoint` logs it and training goes on.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 import pickle
 import random
 import re
+import shutil
+import signal
+import subprocess
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,14 +42,47 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sa2va.utils import atomic_open
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used; the message names the file."""
+
+
+class DiskFullError(CheckpointError):
+    """A write that ran out of disk space; the previous file at the path is untouched."""
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of all tensors in a nested container: what a checkpoint write needs, roughly."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def disk_full_error(path: str | Path, needed: int, error: OSError) -> DiskFullError:
+    """The one-line error for an ``ENOSPC`` while writing ``path`` (``needed`` bytes)."""
+    folder = Path(path).parent
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    return DiskFullError(
+        f"{path}: no space left on device ({error.strerror}): the write needs about "
+        f"{_mib(needed)}, {_mib(free)} free in {folder}; the previous file (if any) is unchanged"
+    )
 
 
 def _is_remote(path: str | Path) -> bool:
@@ -70,8 +119,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if _is_remote(path) or storage_options is not None:
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_open(path) as f:
-            torch.save(checkpoint, f)
+        try:
+            with atomic_open(path) as f:
+                torch.save(checkpoint, f)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise disk_full_error(path, _tensor_bytes(checkpoint), e) from e
 
     def load_checkpoint(
         self,
@@ -115,16 +169,20 @@ def load_checkpoint(
 
 class ResumableSampler(DistributedSampler):
     """`DistributedSampler` order (a permutation seeded by ``seed + epoch``, split over
-    ranks) that can leave out the first ``skip`` indices of one pass."""
+    ranks) that can leave out the first ``skip`` indices of one pass.
+
+    Yields ``(epoch, index)`` pairs: the dataset then knows the epoch in any worker process
+    (a worker's copy of the dataset never sees ``set_epoch``).
+    """
 
     def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.skip = 0
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         indices = list(super().__iter__())[self.skip :]
         self.skip = 0
-        return iter(indices)
+        return iter([(self.epoch, i) for i in indices])
 
 
 class ResumableDataLoader(DataLoader):
@@ -195,10 +253,147 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 class RNGState(L.Callback):
-    """Saves the generator states in each checkpoint and restores them on resume."""
+    """Saves the generator states in each checkpoint and restores them at the step boundary.
+
+    A checkpoint is written right after an optimiser step; nothing between that and the next
+    training step draws from the global generators in an uninterrupted run (the loaders have
+    their own generators, augmentation its own seeds, and validation is wrapped so it gives
+    back the states it found). A resumed run, though, draws while it rebuilds the model and
+    starts its loaders, so the saved states are set just before its first training batch.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+        self._before_validation: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return rng_states()
+        """Every rank's states (``ranks``: one entry per rank): only rank 0 writes the file,
+        and under DDP each rank has its own generators. Lightning builds the checkpoint on
+        every rank, so the gather has all ranks taking part."""
+        states = rng_states()
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {"ranks": [states]}
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, states)
+        return {"ranks": gathered}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_rng_states(state_dict)
+        """This rank's states (rank 0's when the run had fewer ranks; a checkpoint from
+        before per-rank states holds one set)."""
+        ranks = state_dict.get("ranks", [state_dict])
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self._pending = ranks[rank] if rank < len(ranks) else ranks[0]
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
+
+    def on_validation_start(self, *args: Any) -> None:
+        self._before_validation = rng_states()
+
+    def on_validation_end(self, *args: Any) -> None:
+        if self._before_validation is not None:
+            set_rng_states(self._before_validation)
+            self._before_validation = None
+
+
+# ------------------------------------------------------------------ full disk
+
+
+class ResumeCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every N steps that survives a full disk: the failed write is one error
+    line and training goes on (the previous ``last.ckpt`` stays whole and loadable). A
+    full disk is a reason to lose a few steps at a crash, not a whole run."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except DiskFullError as e:
+            log.error("%s; training goes on", e)
+
+
+# ------------------------------------------------------------------ preemption
+
+# Exit status of a preempted run: EX_TEMPFAIL of sysexits.h ("temporary failure, try again").
+REQUEUE_EXIT_CODE = 75
+PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written; exits with REQUEUE_EXIT_CODE."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Preemption(L.Callback):
+    """SIGUSR1 / SIGTERM: finish the optimiser step under way, write ``dirpath/preempted.ckpt``
+    and exit with :data:`REQUEUE_EXIT_CODE`.
+
+    The signal handler only records the signal: the checkpoint is written between two
+    optimiser steps (a write from inside the handler could catch an optimiser step half
+    done), and a second signal while it is written changes nothing. ``requeue``: under SLURM
+    (``SLURM_JOB_ID`` set) rank 0 then runs ``scontrol requeue`` (trainer=slurm). These
+    handlers replace Lightning's for the two signals during ``fit``; Lightning puts back the
+    previous handlers when ``fit`` ends.
+    """
+
+    FILENAME = "preempted.ckpt"
+
+    def __init__(self, dirpath: str | Path, requeue: bool = False) -> None:
+        self.dirpath = Path(dirpath)
+        self.requeue = requeue
+        self.received: int | None = None
+        self._step_at_batch_start = -1
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / self.FILENAME
+
+    def _record(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.received = None
+        for signum in PREEMPTION_SIGNALS:
+            signal.signal(signum, self._record)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self._step_at_batch_start:  # mid accumulation window
+            return
+        # every rank stops at the same step even when the signal reached them apart
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            return
+        name = signal.Signals(self.received).name if self.received else "another rank's signal"
+        trainer.save_checkpoint(self.path)
+        if self.requeue and trainer.is_global_zero and "SLURM_JOB_ID" in os.environ:
+            self._requeue()
+        raise Preempted(
+            f"{name}: checkpoint {self.path} written after step {trainer.global_step}; "
+            f"exiting with status {REQUEUE_EXIT_CODE} (restart in the same run dir to resume)"
+        )
+
+    @staticmethod
+    def _requeue() -> None:
+        job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+        result = subprocess.run(["scontrol", "requeue", job], check=False)
+        if result.returncode != 0:
+            log.error("scontrol requeue %s failed (status %d)", job, result.returncode)
+
+
+def preempted_checkpoint(callbacks: list[L.Callback]) -> Path | None:
+    """The checkpoint a preempted run left in this run dir, if any (resume from it)."""
+    for callback in callbacks:
+        if isinstance(callback, Preemption) and callback.path.is_file():
+            return callback.path
+    return None

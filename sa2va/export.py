@@ -34,6 +34,7 @@ load strictly, so two different checkpoints always export different models.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from sa2va.checkpointing import disk_full_error
 from sa2va.model.checkpoints import (
     CheckpointMismatchError,
     LoadReport,
@@ -175,6 +177,12 @@ def export(
         }
         atomic_write_json(tmp / "manifest.json", manifest)
         os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno != errno.ENOSPC:
+            raise
+        needed = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+        raise disk_full_error(e.filename or final, needed, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

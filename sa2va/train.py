@@ -12,8 +12,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from sa2va.checkpointing import Preempted, preempted_checkpoint
 from sa2va.config import validate_config
 from sa2va.logging_utils import ablation_keys, log_run_config
 from sa2va.utils import CONF_DIR, atomic_write_json, git_sha, to_float_dict
@@ -73,7 +75,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module, datamodule = build(cfg)
         trainer = build_trainer(cfg, output_dir)
         log_run_config(trainer.loggers, cfg)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        # a preempted run restarted in its run dir resumes by itself
+        preempted = preempted_checkpoint(trainer.callbacks)
+        ckpt_path = cfg.get("ckpt_path") or preempted
+        if ckpt_path is not None:
+            log.info("resuming from %s", ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         summary["metrics"] = to_float_dict(trainer.callback_metrics)
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.best_model_path:
@@ -82,12 +89,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["skipped_steps"] = module.skipped_steps
         summary["global_step"] = trainer.global_step
         summary["status"] = "completed"
+        if preempted is not None:  # done: a later start in this run dir must not go back
+            preempted.unlink(missing_ok=True)
+    except Preempted as stop:
+        summary["status"] = "preempted"
+        summary["error"] = str(stop)
+        log.warning("%s", stop)
+        raise
     except BaseException as error:
         summary["status"] = "failed"
         summary["error"] = f"{type(error).__name__}: {error}"
         raise
     finally:
-        atomic_write_json(output_dir / "metrics.json", summary)
+        # rank 0's summary: under DDP every rank gets here, and the train/* values it holds
+        # are its own batches' (the last writer would win at random)
+        if rank_zero_only.rank == 0:
+            atomic_write_json(output_dir / "metrics.json", summary)
         _finish_wandb(summary)
     log.info("metrics: %s", summary["metrics"])
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import subprocess
@@ -13,15 +14,19 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from torch.utils.data import Dataset
 
 from sa2va.checkpointing import (
     AtomicCheckpointIO,
     CheckpointError,
+    DiskFullError,
     ResumableDataLoader,
     ResumableSampler,
+    RNGState,
     rng_states,
     set_rng_states,
 )
+from sa2va.data.datamodule import OCTClipDataset
 from sa2va.train import train
 from sa2va.utils import REPO_ROOT
 from tests.conftest import FAST_TRAIN
@@ -116,11 +121,89 @@ def test_trainer_configs_wire_the_checkpoint_io(compose_cfg):
     assert compose_cfg("trainer=deepspeed_stage_3").trainer.plugins is None
 
 
+# ------------------------------------------------------------------ full disk
+
+
+def _full_disk(monkeypatch, when=lambda checkpoint: True) -> None:
+    """torch.save writes part of the file, then fails as a full disk does (when ``when``)."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if not when(obj):
+            return real_save(obj, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_what_was_needed(saved, monkeypatch):
+    before = saved.read_bytes()
+    _full_disk(monkeypatch)
+    big = {"state_dict": {"w": torch.zeros(512, 512)}, "global_step": 4}  # 1 MiB
+    with pytest.raises(DiskFullError) as error:
+        AtomicCheckpointIO().save_checkpoint(big, saved)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{saved}: no space left on device")
+    assert "needs about 1.0 MiB" in message and f"free in {saved.parent}" in message
+    assert saved.read_bytes() == before
+    assert [p.name for p in saved.parent.iterdir()] == ["last.ckpt"]
+    assert AtomicCheckpointIO().load_checkpoint(saved)["global_step"] == 3
+
+
+def test_a_full_disk_at_a_periodic_checkpoint_logs_one_line_and_training_goes_on(
+    compose_cfg, monkeypatch, caplog
+):
+    """FAST_TRAIN validates (and writes the best checkpoint) at steps 2 and 4; last.ckpt is
+    due after every step, and the disk is full for the writes after steps 1 and 3."""
+    _full_disk(
+        monkeypatch, when=lambda ckpt: isinstance(ckpt, dict) and ckpt.get("global_step") in (1, 3)
+    )
+    cfg = compose_cfg(
+        *FAST_TRAIN, "logger=none", "callbacks.resume_checkpoint.every_n_train_steps=1"
+    )
+    summary = train(cfg)
+    assert summary["status"] == "completed" and summary["global_step"] == 4
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and all("no space left on device" in e for e in errors)
+    assert all(e.endswith("training goes on") and "last.ckpt" in e for e in errors)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert AtomicCheckpointIO().load_checkpoint(last)["global_step"] == 4
+
+
+def test_a_full_disk_during_export_leaves_nothing_behind(compose_cfg, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from sa2va.export import export
+    from tests.test_export import lora_checkpoint
+
+    _, ckpt = lora_checkpoint(compose_cfg, tmp_path)
+    out = tmp_path / "export"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", full)
+    with pytest.raises(DiskFullError, match=rf"^{out}: no space left on device .* needs about"):
+        export(ckpt, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.ckpt"]
+
+
 # ------------------------------------------------------------------ data order
 
 
+class _Indices(Dataset):
+    """Ten samples that are their own index (the sampler hands ``(epoch, index)``)."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, key: tuple[int, int]) -> int:
+        return key[1]
+
+
 def _loader(seed: int = 0) -> ResumableDataLoader:
-    data = list(range(10))
+    data = _Indices()
     return ResumableDataLoader(data, batch_size=3, sampler=ResumableSampler(data, seed=seed))
 
 
@@ -155,6 +238,26 @@ def test_a_restored_loader_continues_the_interrupted_epoch():
     assert len(_epoch(restored, 3)) == 4  # the skip applies to the interrupted epoch only
 
 
+def test_the_sampler_tells_the_dataset_the_epoch():
+    sampler = ResumableSampler(_Indices(), seed=0)
+    sampler.set_epoch(3)
+    assert {epoch for epoch, _ in sampler} == {3}
+
+
+def test_flips_are_a_function_of_seed_epoch_and_index_only():
+    """Not of the global generators or of a worker's stream: a resumed run, or one with
+    another data.num_workers, flips the same samples."""
+    dataset = OCTClipDataset([[]] * 50, hflip_prob=0.5, augment_seed=7)
+    torch.manual_seed(0)
+    flips = [dataset.flips(epoch, i) for epoch in (0, 1) for i in range(50)]
+    torch.manual_seed(1), np.random.seed(1)
+    assert flips == [dataset.flips(epoch, i) for epoch in (0, 1) for i in range(50)]
+    assert 30 < sum(flips) < 70 and flips[:50] != flips[50:]  # random, and new each epoch
+    other_seed = OCTClipDataset([[]] * 50, hflip_prob=0.5, augment_seed=8)
+    assert flips[:50] != [other_seed.flips(0, i) for i in range(50)]
+    assert not any(OCTClipDataset([[]] * 50).flips(0, i) for i in range(50))
+
+
 def test_a_restored_loader_starts_a_later_epoch_in_full():
     restored = _loader()
     restored.load_state_dict({"epoch": 1, "batches": 4})  # saved at the end of epoch 1
@@ -162,6 +265,22 @@ def test_a_restored_loader_starts_a_later_epoch_in_full():
 
 
 # ------------------------------------------------------------------ RNG state
+
+
+def test_rng_state_is_restored_at_the_first_training_batch_and_validation_is_neutral():
+    callback = RNGState()
+    torch.manual_seed(3)
+    saved = callback.state_dict()
+    expected = torch.rand(1)
+    callback.load_state_dict(saved)
+    torch.rand(5)  # a restart draws while it builds the model and the loaders
+    callback.on_train_batch_start()
+    assert torch.equal(torch.rand(1), expected)
+    before = torch.get_rng_state()
+    callback.on_validation_start()
+    torch.rand(5)
+    callback.on_validation_end()
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):

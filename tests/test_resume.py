@@ -59,23 +59,45 @@ def _last(run: str | Path) -> dict:
     return torch.load(Path(run) / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-def _check_resume(compose_cfg: Callable[..., DictConfig], tmp_path: Path, crash: Callable) -> None:
+def uninterrupted(
+    compose_cfg: Callable[..., DictConfig], overrides: tuple[str, ...]
+) -> tuple[dict, dict]:
+    """Summary and last.ckpt of an uninterrupted RESUMABLE run with ``overrides``.
+
+    Trained in each test, not once per session: a model built after other tests in the same
+    process has been seen to start from other frozen weights (vision ``cls_token``).
+    """
+    cfg = compose_cfg(*RESUMABLE, *overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = f"{cfg.paths.output_dir}-uninterrupted"
+    return train(cfg), _last(cfg.paths.output_dir)
+
+
+def _check_resume(
+    compose_cfg: Callable[..., DictConfig],
+    tmp_path: Path,
+    crash: Callable,
+    overrides: tuple[str, ...] = (),
+) -> None:
     """Uninterrupted run vs. crash (``crash(run_dir)``) + resume from the crashed run's
-    last.ckpt: same weights, optimiser and scheduler state (bit for bit) and same metrics."""
-    full = compose_cfg(*RESUMABLE)
-    full_summary = train(full)
-    expected = _last(full.paths.output_dir)
+    last.ckpt, both with ``overrides``: same weights, optimiser and scheduler state (bit for
+    bit) and same metrics."""
+    full_summary, expected = uninterrupted(compose_cfg, overrides)
 
     crashed = tmp_path / "crashed"
     crash(crashed)
     assert _last(crashed)["global_step"] == CRASH_STEP - 1
 
-    resumed = compose_cfg(*RESUMABLE, f"ckpt_path={crashed}/checkpoints/last.ckpt")
+    resumed = compose_cfg(*RESUMABLE, *overrides, f"ckpt_path={crashed}/checkpoints/last.ckpt")
     with open_dict(resumed):
         resumed.paths.output_dir = str(crashed)  # the same run dir, as documented
-    summary = train(resumed)
-    got = _last(crashed)
+    assert_same_end(train(resumed), crashed, full_summary, expected)
 
+
+def assert_same_end(summary: dict, run_dir: Path, expected_summary: dict, expected: dict) -> None:
+    """The run in ``run_dir`` (which returned ``summary``) ended where the uninterrupted run
+    did: weights, optimiser and scheduler state bit for bit, the same metrics."""
+    got = _last(run_dir)
     assert got["global_step"] == expected["global_step"] == 8
     assert got["state_dict"].keys() == expected["state_dict"].keys()
     for name, value in expected["state_dict"].items():
@@ -84,15 +106,32 @@ def _check_resume(compose_cfg: Callable[..., DictConfig], tmp_path: Path, crash:
     assert got_opt["param_groups"] == expected_opt["param_groups"]
     torch.testing.assert_close(got_opt["state"], expected_opt["state"], rtol=0, atol=0)
     assert got["lr_schedulers"] == expected["lr_schedulers"]
-    assert summary["metrics"] == full_summary["metrics"]
-    written = json.loads((crashed / "metrics.json").read_text())
+    assert summary["metrics"] == expected_summary["metrics"]
+    written = json.loads((run_dir / "metrics.json").read_text())
     assert written["status"] == "completed" and written["global_step"] == 8
 
 
-def test_crashed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path):
+# Random flips and dropout both on: the global RNG and each sample's augmentation must
+# continue exactly across a resume.
+RANDOM = ("data.hflip_prob=0.5", "model.projector.dropout=0.1")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param((), id="plain"),
+        pytest.param(RANDOM, id="flip+dropout"),
+        pytest.param((*RANDOM, "data.num_workers=2"), id="workers2", marks=pytest.mark.slow),
+        pytest.param(
+            (*RANDOM, "trainer.accumulate_grad_batches=2"), id="accumulate2", marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_crashed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path, overrides):
     def crash(run_dir: Path) -> None:
         cfg = compose_cfg(
             *RESUMABLE,
+            *overrides,
             "+callbacks.crash._target_=tests.test_resume.CrashAt",
             f"+callbacks.crash.step={CRASH_STEP}",
         )
@@ -101,7 +140,7 @@ def test_crashed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path):
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(cfg)
 
-    _check_resume(compose_cfg, tmp_path, crash)
+    _check_resume(compose_cfg, tmp_path, crash, overrides)
 
 
 @pytest.mark.slow
@@ -127,6 +166,31 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(compose_cfg, tmp_
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
     _check_resume(compose_cfg, tmp_path, crash)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, cache_dir):
+    """2-process CPU DDP (gloo), flips and dropout on: each rank's generators come back."""
+
+    def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "sa2va.train", *RESUMABLE, *RANDOM, "trainer.devices=2",
+                   "+trainer.strategy=ddp_find_unused_parameters_true",
+                   f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}", *extra]  # fmt: skip
+        return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+
+    full_dir, crashed = tmp_path / "full", tmp_path / "crashed"
+    full = run(full_dir)
+    assert full.returncode == 0, full.stderr[-3000:]
+    crash = run(crashed, "+callbacks.crash._target_=tests.test_resume.CrashAt",
+                f"+callbacks.crash.step={CRASH_STEP}")  # fmt: skip
+    assert crash.returncode != 0 and "simulated crash" in crash.stderr, crash.stderr[-3000:]
+    assert _last(crashed)["global_step"] == CRASH_STEP - 1
+    resumed = run(crashed, f"ckpt_path={crashed}/checkpoints/last.ckpt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary, expected_summary = (
+        json.loads((d / "metrics.json").read_text()) for d in (crashed, full_dir)
+    )
+    assert_same_end(summary, crashed, expected_summary, _last(full_dir))
 
 
 # ------------------------------------------------------------------ non-finite steps
@@ -233,8 +297,8 @@ def test_nonfinite_step_stops_the_run_with_on_nonfinite_stop(tiny, poison, messa
 
 
 def test_slurm_trainer_requeues_into_the_same_run_dir(compose_cfg, monkeypatch):
-    """trainer=slurm: SIGUSR1 -> hpc_ckpt in the run dir + requeue; the requeued job (same
-    SLURM_JOB_ID) gets the same run dir, where Lightning finds that checkpoint."""
+    """trainer=slurm: SIGUSR1 -> preempted.ckpt in the run dir + requeue; the requeued job
+    (same SLURM_JOB_ID) gets the same run dir, where train() finds that checkpoint."""
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     cfg = compose_cfg("trainer=slurm", "trainer.accelerator=cpu", "trainer.precision=32-true")
     assert cfg.hydra.run.dir == "outputs/train/slurm/4242"
@@ -242,6 +306,8 @@ def test_slurm_trainer_requeues_into_the_same_run_dir(compose_cfg, monkeypatch):
     (environment,) = [
         p for p in instantiate(cfg.trainer.plugins) if isinstance(p, SLURMEnvironment)
     ]
-    assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR1
+    # Lightning's requeue handler (a save from inside the signal handler) is off: the
+    # Preemption callback saves at a step boundary and requeues
+    assert not environment.auto_requeue and cfg.callbacks.preemption.requeue
     trainer = instantiate(cfg.trainer, logger=False)  # Lightning takes both plugins
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

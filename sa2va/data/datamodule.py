@@ -125,17 +125,30 @@ class OCTClipDataset(Dataset):
         prompt_template: str = "<image>\nPlease segment the {name}.",
         answer_template: str = "Sure, [SEG].",
         hflip_prob: float = 0.0,
+        augment_seed: int = 0,
     ) -> None:
         self.clips = [list(c) for c in clips]
         self.processor = processor
         self.prompt_template = prompt_template
         self.answer_template = answer_template
         self.hflip_prob = hflip_prob
+        self.augment_seed = augment_seed
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def flips(self, epoch: int, index: int) -> bool:
+        """Whether sample ``index`` is flipped in ``epoch``: a pure function of (augment_seed,
+        epoch, index), so neither the worker that loads it nor a resume can change it."""
+        if self.hflip_prob <= 0:
+            return False
+        rng = np.random.default_rng([self.augment_seed, epoch, index])
+        return bool(rng.random() < self.hflip_prob)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """``key``: an index, or ``(epoch, index)`` from the training sampler (an index alone
+        is epoch 0)."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         clip = self.clips[index]
         names = clip[0].object_names
         frames = [load_rgb(r.image_path) for r in clip]
@@ -144,7 +157,7 @@ class OCTClipDataset(Dataset):
         else:
             out_hw = clip[0].image_hw
         masks = torch.from_numpy(np.stack([[r.mask(n, out_hw) for n in names] for r in clip]))
-        if self.hflip_prob > 0 and torch.rand(()) < self.hflip_prob:  # same flip for the clip
+        if self.flips(epoch, index):  # the same flip for the whole clip
             frames = [f.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for f in frames]
             masks = masks.flip(-1)
         prompts = [self.prompt_template.format(name=n) for n in names]
@@ -288,6 +301,7 @@ class OCTDataModule(L.LightningDataModule):
             self.prompt_template,
             self.answer_template,
             self.hflip_prob if split == "train" else 0.0,
+            augment_seed=self.shuffle_seed,
         )
 
     def _loader(self, split: Split, batch_size: int, shuffle: bool) -> DataLoader:
@@ -299,6 +313,9 @@ class OCTDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "collate_fn": self.processor.collate,
             "persistent_workers": self.num_workers > 0,
+            # the loader draws its workers' base seed from this, not from the global
+            # generator, so starting a loader never moves dropout's random stream
+            "generator": torch.Generator().manual_seed(self.shuffle_seed),
         }
         if not shuffle:
             return DataLoader(dataset, **options)
