@@ -49,7 +49,8 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from hydra.utils import get_class
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -252,7 +253,7 @@ class Bench:
         kept = {
             name: c
             for name, c in (cfg.callbacks or {}).items()
-            if c is not None and not str(c.get("_target_", "")).endswith("ModelCheckpoint")
+            if c is not None and not issubclass(get_class(c._target_), ModelCheckpoint)
         }
         cfg = self.config(cfg, trainer=trainer_cfg)
         with open_dict(cfg):
