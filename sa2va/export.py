@@ -116,11 +116,13 @@ def write_official_release(
     max_shard_size: str | int = "5GB",
 ) -> list[str]:
     """Write ``model`` (a :class:`~sa2va.model.sa2va.Sa2VA`, LoRA merged) into ``folder`` in
-    the official HF release layout (see the module docstring); returns the weight files."""
+    the official HF release layout (see the module docstring); returns the weight files.
+    ``template`` (InternVL's prompt template name) defaults to the one the model prompts with."""
     folder = Path(folder)
     text = model.mllm.config.text_config
     state = sa2va_to_release(model.state_dict(), text.model_type, text.num_key_value_heads)
     files = write_release_weights(state, folder, max_shard_size)
+    template = template or model.processor.template.name
     config = release_config(model.mllm.config, model.mllm.dtype, template)
     # the rows the file holds (official tools/convert_to_hf.py: len(tokenizer))
     config["llm_config"]["vocab_size"] = model.mllm.get_input_embeddings().num_embeddings
@@ -140,7 +142,7 @@ def export(
 ) -> dict[str, Any]:
     """Write the export folder ``out`` (which must not exist) in ``format`` (``project`` or
     ``official``); returns its manifest. ``template`` and ``max_shard_size`` only concern
-    ``official`` (InternVL prompt template name; default: the text family's)."""
+    ``official`` (InternVL prompt template name; default: the one the model prompts with)."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: choose one of {FORMATS}")
     if format == "official" and not merge_lora:

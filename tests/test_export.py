@@ -256,3 +256,15 @@ def test_export_format_official_merges_lora_and_loads_back(compose_cfg, tmp_path
     assert load_official_sa2va(fresh, out).ok
     model.merge_lora()
     assert same_weights(fresh, model)
+
+
+def test_official_release_names_the_template_the_model_prompts_with(compose_cfg, tmp_path):
+    """Sa2VA-4B prompts with phi3_chat although its LLM is Qwen2: the release must say so."""
+    cfg = compose_cfg("model.mllm.template=phi3_chat")
+    model = Sa2VA(**{k: v for k, v in cfg.model.items() if not k.startswith("_")})
+    write_official_release(model, tmp_path / "phi3")
+    assert json.loads((tmp_path / "phi3" / "config.json").read_text())["template"] == "phi3_chat"
+    write_official_release(model, tmp_path / "override", template="qwen_chat")
+    assert (
+        json.loads((tmp_path / "override" / "config.json").read_text())["template"] == "qwen_chat"
+    )

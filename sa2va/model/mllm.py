@@ -14,7 +14,7 @@ says so (`tie_like_text_config`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -82,9 +82,11 @@ class ChatTemplate:
 
     A turn is `instruction.format(input=prompt)` (not supervised), then the answer and
     `suffix` (supervised: the suffix ends the answer, the official `SUFFIX_AS_EOS`), then
-    `sep` (not supervised).
+    `sep` (not supervised). `name` is the official config's name for it (`template` in a
+    release's config.json).
     """
 
+    name: str
     system: str
     instruction: str
     suffix: str
@@ -92,6 +94,7 @@ class ChatTemplate:
 
 
 _IM_TEMPLATE = ChatTemplate(
+    name="qwen_chat",
     system="<|im_start|>system\n{system}<|im_end|>\n",
     instruction="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
     suffix="<|im_end|>",
@@ -99,8 +102,10 @@ _IM_TEMPLATE = ChatTemplate(
 )
 CHAT_TEMPLATES: dict[str, ChatTemplate] = {
     "qwen_chat": _IM_TEMPLATE,  # Sa2VA-1B, Sa2VA-InternVL3-*
-    "internlm2_chat": _IM_TEMPLATE,  # Sa2VA-8B, Sa2VA-26B (same text; the BOS differs)
+    # Sa2VA-8B, Sa2VA-26B: the same text; the BOS differs (it comes from the tokenizer)
+    "internlm2_chat": replace(_IM_TEMPLATE, name="internlm2_chat"),
     "phi3_chat": ChatTemplate(  # Sa2VA-4B
+        name="phi3_chat",
         system="<|system|>\n{system}<|end|>\n",
         instruction="<|user|>\n{input}<|end|>\n<|assistant|>\n",
         suffix="<|end|>",

@@ -27,10 +27,8 @@ import torch
 from torch import Tensor
 
 from sa2va.model.checkpoints import INTERNLM2_NAMES, MLP1_NAMES, VISION_NAMES, rename_by_table
+from sa2va.model.mllm import default_template
 
-# InternVL's prompt template name (Sa2VAChatConfig.template) by text family; Sa2VA-4B
-# (InternVL2.5-4B) is a Qwen2 model but its release uses phi3_chat: pass it explicitly.
-DEFAULT_TEMPLATES = {"qwen2": "qwen_chat", "llama": "internlm2_chat"}
 # the dynamic tiling every official Sa2VA release config sets (InternVL's defaults)
 RELEASE_TILING = {
     "dynamic_image_size": True,
@@ -251,7 +249,7 @@ def release_config(
     MLLM has the transformers ``InternVLConfig`` ``mllm_config``.
 
     ``template`` is InternVL's prompt template name; by default the text family's
-    (``qwen_chat`` / ``internlm2_chat``).
+    (``qwen_chat`` / ``internlm2_chat``, :func:`sa2va.model.mllm.default_template`).
     """
     text, vision = mllm_config.text_config, mllm_config.vision_config
     size = vision.image_size
@@ -259,7 +257,7 @@ def release_config(
         "architectures": ["Sa2VAChatModel"],
         "auto_map": AUTO_MAP,
         "model_type": "sa2va_chat",
-        "template": template or DEFAULT_TEMPLATES.get(text.model_type),
+        "template": template or default_template(text.model_type),
         "select_layer": mllm_config.vision_feature_layer,
         "downsample_ratio": mllm_config.downsample_ratio,
         "force_image_size": size[0] if isinstance(size, list | tuple) else size,
