@@ -5,5 +5,3 @@ from omegaconf import OmegaConf
 from sa2va.utils import REPO_ROOT
 
 OmegaConf.register_new_resolver("sa2va_root", lambda: str(REPO_ROOT), replace=True)
-
-import sa2va.config  # noqa: E402,F401  (registers the config schemas before any compose)

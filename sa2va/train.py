@@ -3,124 +3,19 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from sa2va.checkpointing import Preempted, preempted_checkpoint
-from sa2va.config import validate_config
-from sa2va.logging_utils import ablation_keys, log_run_config
-from sa2va.utils import CONF_DIR, atomic_write_json, git_sha, to_float_dict
+from sa2va.training.config import register_schemas
+from sa2va.training.run import train
+from sa2va.utils import CONF_DIR
+
+register_schemas()
 
 log = logging.getLogger(__name__)
-
-
-def hydra_overrides() -> list[str]:
-    """The command-line overrides of this job ([] when called outside a Hydra app)."""
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
-
-
-def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
-    """Model, losses, freezing, optimiser -> module; a data module using the model's processor."""
-    from sa2va.model.checkpoints import check_pretrained_files
-
-    check_pretrained_files(cfg)  # a real-size model needs its local pretrained files
-    model = instantiate(cfg.model)
-    module = instantiate(
-        cfg.module,
-        model=model,
-        loss=instantiate(cfg.loss),
-        freeze=instantiate(cfg.freeze),
-        optim=instantiate(cfg.optim),
-    )
-    datamodule = instantiate(cfg.data)
-    datamodule.processor = model.processor
-    return module, datamodule
-
-
-def build_trainer(cfg: DictConfig, output_dir: Path) -> L.Trainer:
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
-    if not loggers:  # LearningRateMonitor refuses to run without a logger (logger=none)
-        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(output_dir)
-    )
-
-
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit (and optionally test) one configuration; always leaves `metrics.json` behind."""
-    output_dir = Path(cfg.paths.output_dir)
-    summary: dict[str, Any] = {
-        "status": "running",
-        "overrides": hydra_overrides(),
-        "seed": cfg.seed,
-        "ablation": ablation_keys(cfg),
-        "git_sha": git_sha(),
-        "output_dir": str(output_dir),
-    }
-    try:
-        validate_config(cfg)
-        L.seed_everything(cfg.seed, workers=True)
-        module, datamodule = build(cfg)
-        trainer = build_trainer(cfg, output_dir)
-        log_run_config(trainer.loggers, cfg)
-        # a preempted run restarted in its run dir resumes by itself
-        preempted = preempted_checkpoint(trainer.callbacks)
-        ckpt_path = cfg.get("ckpt_path") or preempted
-        if ckpt_path is not None:
-            log.info("resuming from %s", ckpt_path)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        summary["metrics"] = to_float_dict(trainer.callback_metrics)
-        checkpoint = trainer.checkpoint_callback
-        if checkpoint is not None and checkpoint.best_model_path:
-            summary["best_checkpoint"] = checkpoint.best_model_path
-            summary["best_score"] = float(checkpoint.best_model_score)
-        summary["skipped_steps"] = module.skipped_steps
-        summary["global_step"] = trainer.global_step
-        summary["status"] = "completed"
-        if preempted is not None:  # done: a later start in this run dir must not go back
-            preempted.unlink(missing_ok=True)
-    except Preempted as stop:
-        summary["status"] = "preempted"
-        summary["error"] = str(stop)
-        log.warning("%s", stop)
-        raise
-    except BaseException as error:
-        summary["status"] = "failed"
-        summary["error"] = f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        # rank 0's summary: under DDP every rank gets here, and the train/* values it holds
-        # are its own batches' (the last writer would win at random)
-        if rank_zero_only.rank == 0:
-            atomic_write_json(output_dir / "metrics.json", summary)
-        _finish_wandb(summary)
-    log.info("metrics: %s", summary["metrics"])
-    return summary
-
-
-def _finish_wandb(summary: dict[str, Any]) -> None:
-    """Lightning's WandbLogger never finishes its run; a sweep needs one run per job.
-
-    A failed job's run is marked failed (exit code 1) with its error in the summary.
-    """
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.run.summary.update({"status": summary["status"], "error": summary.get("error")})
-        wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")

@@ -11,7 +11,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from sa2va.training.config import register_schemas
 from sa2va.utils import CONF_DIR
+
+register_schemas()
 
 # A few frames of synthetic OCT and a handful of steps: the whole train path in seconds.
 FAST_DATA = [

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sa2va.bench import (
+from sa2va.benchmarks.harness import (
     DOC_BEGIN,
     DOC_END,
     Bench,

@@ -16,18 +16,11 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import Dataset
 
-from sa2va.checkpointing import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    DiskFullError,
-    ResumableDataLoader,
-    ResumableSampler,
-    RNGState,
-    rng_states,
-    set_rng_states,
-)
 from sa2va.data.datamodule import OCTClipDataset
-from sa2va.train import train
+from sa2va.data.sampling import ResumableDataLoader, ResumableSampler
+from sa2va.model.trained import CheckpointError, DiskFullError
+from sa2va.training.checkpointing import AtomicCheckpointIO, RNGState, rng_states, set_rng_states
+from sa2va.training.run import train
 from sa2va.utils import REPO_ROOT
 from tests.conftest import FAST_TRAIN
 
@@ -62,7 +55,7 @@ def test_a_process_killed_mid_write_leaves_the_previous_checkpoint(saved):
     script = textwrap.dedent(
         f"""
         import os, signal, torch
-        from sa2va.checkpointing import AtomicCheckpointIO
+        from sa2va.training.checkpointing import AtomicCheckpointIO
 
         class DieWhilePickled:
             def __reduce__(self):
@@ -174,7 +167,7 @@ def test_a_full_disk_at_a_periodic_checkpoint_logs_one_line_and_training_goes_on
 def test_a_full_disk_during_export_leaves_nothing_behind(compose_cfg, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from sa2va.export import export
+    from sa2va.training.export import export
     from tests.test_export import lora_checkpoint
 
     _, ckpt = lora_checkpoint(compose_cfg, tmp_path)

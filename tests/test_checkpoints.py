@@ -10,18 +10,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sa2va.freeze import FreezePolicy
 from sa2va.model.checkpoints import (
     CheckpointMismatchError,
     check_pretrained_files,
     load_official_sa2va,
     load_sam2_checkpoint,
-    load_trained,
     split_internlm2_wqkv,
 )
 from sa2va.model.mllm import build_mllm
 from sa2va.model.sa2va import Sa2VA
 from sa2va.model.sam2 import build_sam2
+from sa2va.model.trained import load_trained
+from sa2va.training.freeze import FreezePolicy
 from sa2va.utils import to_plain
 
 LORA = {

@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from sa2va.compare import (
-    BEST,
-    compare_jobs,
-    load_jobs,
-    main,
-    override_label,
-    parse_overrides,
-    swept_keys,
-)
+from sa2va.compare import main
+from sa2va.evaluation.comparison import BEST, compare_jobs, load_jobs
+from sa2va.overrides import override_label, parse_overrides, swept_keys
 
 WEIGHTS = {"bce_dice": (1.0, 1.0, 0.0), "bce_dice_lang": (1.0, 1.0, 0.5)}
 

@@ -15,10 +15,10 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-import sa2va.train
-from sa2va.config import SCHEMAS, ConfigError, SyntheticSchema, validate_config
+import sa2va.training.run
 from sa2va.data.synth import DEFAULTS as SYNTHETIC_DEFAULTS
-from sa2va.train import train
+from sa2va.training.config import SCHEMAS, ConfigError, SyntheticSchema, validate_config
+from sa2va.training.run import train
 from sa2va.utils import CONF_DIR, REPO_ROOT
 from tests.conftest import FAST_TRAIN
 
@@ -143,7 +143,7 @@ def test_train_refuses_before_building_anything(compose_cfg, monkeypatch):
     def build(cfg):
         raise AssertionError("a model was built for a config that cannot train")
 
-    monkeypatch.setattr(sa2va.train, "build", build)
+    monkeypatch.setattr(sa2va.training.run, "build", build)
     cfg = compose_cfg(*FAST_TRAIN, "loss.w_mask=0", "loss.w_dice=0", "loss.w_lang=0")
     with pytest.raises(ConfigError, match="every loss weight is zero"):
         train(cfg)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-import sa2va.eval as ev
-from sa2va.predict import threshold_path
+import sa2va.evaluation.evaluate as ev
+from sa2va.inference.predict import threshold_path
 from tests.conftest import FAST_DATA
 from tests.trained_fixture import trained  # noqa: F401  (fixture)
 

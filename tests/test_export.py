@@ -21,13 +21,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 import sa2va.model.checkpoints as checkpoints
-from sa2va.export import export, load_exported, write_official_release
-from sa2va.freeze import FreezePolicy
-from sa2va.model.checkpoints import load_official_sa2va, load_trained, read_state_dict
+from sa2va.inference.predict import load_model
+from sa2va.model.checkpoints import load_official_sa2va, read_state_dict
 from sa2va.model.releases import release_from_config, release_shapes
 from sa2va.model.sa2va import Sa2VA
-from sa2va.predict import load_model
-from sa2va.train import train
+from sa2va.model.trained import load_exported, load_trained
+from sa2va.training.export import export, write_official_release
+from sa2va.training.freeze import FreezePolicy
+from sa2va.training.run import train
 from sa2va.utils import CONF_DIR, REPO_ROOT
 from tests.conftest import FAST_TRAIN
 from tests.official_fixtures import tiny_sam2_config
@@ -141,7 +142,7 @@ DEEPSPEED_SAVE = textwrap.dedent(
     """
     import os, sys, torch
     import deepspeed, deepspeed.comm.torch
-    from sa2va.model.checkpoints import load_trained
+    from sa2va.model.trained import load_trained
     # the shared-memory all-reduce is an optional speed-up, compiled on first use: skip it
     deepspeed.comm.torch.build_shm_op = lambda: None
     model, meta = load_trained(sys.argv[1])

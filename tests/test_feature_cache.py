@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sa2va.model.feature_cache import FeatureCache, cacheable
-from sa2va.train import build
+from sa2va.training.run import build
 from tests.conftest import FAST_DATA
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from sa2va.freeze import module_family, parameter_table
-from sa2va.module import Sa2VAModule
+from sa2va.training.freeze import module_family, parameter_table
+from sa2va.training.module import Sa2VAModule
 
 # family -> trainable? (None: depends on the parameter, checked separately)
 EXPECTED = {

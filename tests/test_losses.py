@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from monai.losses import DiceLoss
 
-from sa2va.losses import Sa2VALoss, dice_loss, nearest_resize, point_sample
+from sa2va.training.losses import Sa2VALoss, dice_loss, nearest_resize, point_sample
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from torchmetrics.functional.classification import (
     binary_recall,
 )
 
-from sa2va.metrics import (
+from sa2va.evaluation.metrics import (
     SegmentationMetrics,
     aggregate,
     auprc,

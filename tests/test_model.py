@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from PIL import Image
 
-from sa2va.data.processor import IGNORE_INDEX, Sa2VAProcessor
 from sa2va.model.mllm import CHAT_TEMPLATES, IMG_CONTEXT_TOKEN, build_tiny_tokenizer
+from sa2va.model.processor import IGNORE_INDEX, Sa2VAProcessor
 from sa2va.model.sa2va import Sa2VA
-from sa2va.module import Sa2VAModule
+from sa2va.training.module import Sa2VAModule
 from tests.test_freeze import synthetic_batch
 
 PROMPT = "<image>\nPlease segment the blood vessel."
@@ -199,7 +199,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(compose_cfg, tmp_path
     checkpoint = torch.load(path, weights_only=False)
     meta = checkpoint["sa2va"]
     rebuilt = Sa2VA(**meta["model"], load_pretrained=False)
-    instantiate({"_target_": "sa2va.freeze.FreezePolicy", **meta["freeze"]}).apply(rebuilt)
+    instantiate({"_target_": "sa2va.training.freeze.FreezePolicy", **meta["freeze"]}).apply(rebuilt)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
     rebuilt.load_state_dict({k: v for k, v in state.items() if not k.startswith("loss.")})
     module.model.eval(), rebuilt.eval()

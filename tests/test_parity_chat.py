@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sa2va.data.processor import IGNORE_INDEX
+from sa2va.inference.video import probabilities, segment_video
 from sa2va.model.mllm import SA2VA_SPECIAL_TOKENS
+from sa2va.model.processor import IGNORE_INDEX
 from sa2va.model.sa2va import Sa2VA
 from sa2va.model.sam2 import upsample
-from sa2va.video import probabilities, segment_video
 from tests.official_fixtures import FIXTURES, RELEASE, tiny_sam2_config
 
 ATOL = 1e-5  # the fixture README's tolerance for fp32 CPU hidden states / logits

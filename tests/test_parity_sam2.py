@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sa2va.data.processor import Sa2VAProcessor
+from sa2va.inference.video import probabilities
 from sa2va.model.checkpoints import load_sam2_checkpoint
+from sa2va.model.processor import Sa2VAProcessor
 from sa2va.model.sam2 import LanguagePromptedSAM2, build_sam2, upsample
-from sa2va.video import probabilities
 from tests.official_fixtures import FIXTURES, tiny_sam2_config
 
 ATOL = 1e-5  # fp32 CPU re-implementation (fixture README)

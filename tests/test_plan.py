@@ -11,7 +11,7 @@ from torch import nn
 from transformers import InternVLVisionConfig, InternVLVisionModel, Qwen2Config, Qwen2Model
 
 from sa2va.model.sam2 import build_sam2
-from sa2va.plan import (
+from sa2va.planning.memory import (
     ROWS,
     ParamStats,
     Setup,

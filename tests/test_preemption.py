@@ -16,8 +16,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from sa2va.checkpointing import REQUEUE_EXIT_CODE, Preempted, Preemption
-from sa2va.train import train
+from sa2va.training.checkpointing import REQUEUE_EXIT_CODE, Preempted, Preemption
+from sa2va.training.run import train
 from sa2va.utils import REPO_ROOT
 from tests.test_resume import RANDOM, RESUMABLE, assert_same_end, uninterrupted
 

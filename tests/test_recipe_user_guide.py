@@ -37,7 +37,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-import sa2va.train
+import sa2va.training.run
 from sa2va.model import checkpoints
 from sa2va.model.checkpoints import CheckpointMismatchError, read_state_dict
 from sa2va.model.mllm import SA2VA_SPECIAL_TOKENS
@@ -141,10 +141,10 @@ def plain_name(key: str) -> str:
 
 
 def train_recorded(cfg, monkeypatch) -> dict:
-    """One step through ``sa2va.train.train``; records the model as built (and its state),
+    """One step through ``sa2va.training.run.train``; records the model as built (and its state),
     and what the SAM 2 ``.pt`` load reported."""
     recorded: dict = {}
-    build, load_sam2 = sa2va.train.build, checkpoints.load_sam2_checkpoint
+    build, load_sam2 = sa2va.training.run.build, checkpoints.load_sam2_checkpoint
 
     def recording_build(cfg):
         module, datamodule = build(cfg)
@@ -156,9 +156,9 @@ def train_recorded(cfg, monkeypatch) -> dict:
         recorded["sam2_report"] = load_sam2(sam2, path, *args, **kwargs)
         return recorded["sam2_report"]
 
-    monkeypatch.setattr(sa2va.train, "build", recording_build)
+    monkeypatch.setattr(sa2va.training.run, "build", recording_build)
     monkeypatch.setattr(checkpoints, "load_sam2_checkpoint", recording_load_sam2)
-    recorded["summary"] = sa2va.train.train(cfg)
+    recorded["summary"] = sa2va.training.run.train(cfg)
     recorded["after"] = recorded["module"].model.state_dict()
     return recorded
 

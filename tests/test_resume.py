@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, open_dict
 
-from sa2va.checkpointing import AtomicCheckpointIO
-from sa2va.train import build, train
+from sa2va.training.checkpointing import AtomicCheckpointIO
+from sa2va.training.run import build, train
 from sa2va.utils import CONF_DIR, REPO_ROOT
 from tests.conftest import FAST_DATA
 

@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from sa2va.compare import METRICS, Comparison, compare_jobs, load_jobs
+from sa2va.evaluation.comparison import METRICS, Comparison, compare_jobs, load_jobs
 from sa2va.utils import REPO_ROOT, safe_dirname
 from tests.conftest import FAST_TRAIN
 from tests.test_wandb import read_run

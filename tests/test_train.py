@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from sa2va.train import build, train
+from sa2va.training.run import build, train
 from tests.conftest import FAST_DATA, FAST_TRAIN
 
 

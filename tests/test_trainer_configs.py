@@ -12,10 +12,10 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
-import sa2va.train
-from sa2va.config import ConfigError
-from sa2va.plan import ParamStats, Workload, activation_bytes, build_meta_model
-from sa2va.train import build, train
+import sa2va.training.run
+from sa2va.planning.memory import ParamStats, Workload, activation_bytes, build_meta_model
+from sa2va.training.config import ConfigError
+from sa2va.training.run import build, train
 from sa2va.utils import CONF_DIR
 from tests.conftest import FAST_DATA, FAST_TRAIN
 
@@ -58,7 +58,7 @@ def test_gpu_only_strategies_are_refused_at_start_with_one_line(
     def build(cfg):
         raise AssertionError("a model was built for a strategy this machine cannot run")
 
-    monkeypatch.setattr(sa2va.train, "build", build)
+    monkeypatch.setattr(sa2va.training.run, "build", build)
     cfg = compose_cfg(*FAST_TRAIN, f"trainer={name}")
     with pytest.raises(ConfigError) as info:
         train(cfg)

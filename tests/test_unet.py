@@ -10,9 +10,9 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from sa2va.data.processor import Sa2VAProcessor
+from sa2va.model.processor import Sa2VAProcessor
 from sa2va.model.unet import UNetBaseline, UNetProcessor
-from sa2va.train import train
+from sa2va.training.run import train
 from tests.conftest import FAST_TRAIN
 
 

@@ -13,8 +13,8 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from sa2va.inference.video import probabilities, seg_owners, segment_video
 from sa2va.model.sa2va import Sa2VA
-from sa2va.video import probabilities, seg_owners, segment_video
 
 PROMPTS = ["Please segment the blood vessel.", "Segment vessels [SEG] and optic disc [SEG]"]
 

@@ -1,4 +1,4 @@
-"""W&B logging (sa2va.logging_utils), offline: labels, logged config, mask images; and a
+"""W&B logging (sa2va.training.loggers), offline: labels, logged config, mask images; and a
 reader for offline runs, used by the sweep tests (tests/test_sweep.py)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from wandb.proto import wandb_internal_pb2
 
-from sa2va.logging_utils import (
+from sa2va.training.loggers import (
     WandbMaskImages,
     ablation_keys,
     class_map,

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
-from sa2va.train import train
+from sa2va.training.run import train
 from sa2va.utils import CONF_DIR
 from tests.conftest import FAST_TRAIN
 

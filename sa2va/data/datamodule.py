@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from sa2va.checkpointing import ResumableDataLoader, ResumableSampler
 from sa2va.data.annotations import (
     DEFAULT_CATEGORY_NAMES,
     DEFAULT_VIDEO_PATTERN,
@@ -28,6 +27,7 @@ from sa2va.data.annotations import (
     group_videos,
     load_annotations,
 )
+from sa2va.data.sampling import ResumableDataLoader, ResumableSampler
 from sa2va.data.synth import default_cache_dir, ensure_synthetic_dataset
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ class OCTDataModule(L.LightningDataModule):
         if not shuffle:
             return DataLoader(dataset, **options)
         # Training order: a permutation per (shuffle_seed + epoch) that a resumed run continues
-        # mid-epoch (sa2va.checkpointing); split over ranks under DDP.
+        # mid-epoch (sa2va.training.checkpointing); split over ranks under DDP.
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         sampler = ResumableSampler(dataset, self.shuffle_seed, num_replicas=world, rank=rank)

@@ -36,32 +36,6 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-# keys of a DeepSpeed model-states file that are DeepSpeed's own, not Lightning's checkpoint
-DEEPSPEED_STATE_KEYS = frozenset(
-    {
-        "module",
-        "buffer_names",
-        "optimizer",
-        "param_shapes",
-        "frozen_param_shapes",
-        "shared_params",
-        "frozen_param_fragments",
-        "lr_scheduler",
-        "data_sampler",
-        "random_ltd",
-        "sparse_tensor_module_names",
-        "csr_tensor_module_names",
-        "skipped_steps",
-        "global_steps",
-        "global_samples",
-        "dp_world_size",
-        "mp_world_size",
-        "checkpoint_parallel_dimensions",
-        "ds_config",
-        "ds_version",
-    }
-)
-
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose keys or shapes do not match the model; the message lists them."""
@@ -417,93 +391,6 @@ def load_official_sa2va(
 
 
 # ------------------------------------------------------------ this project's checkpoints
-
-
-def _read_deepspeed_checkpoint(path: Path) -> dict[str, Any]:
-    """A DeepSpeed ZeRO checkpoint folder (as Lightning's DeepSpeedStrategy writes it) as one
-    Lightning checkpoint dict: DeepSpeed consolidates the fp32 weights; our metadata comes from
-    the rank-0 model-states file, read with ``weights_only=True``."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    latest = path / "latest"
-    if not latest.is_file():
-        raise ValueError(f"{path}: a folder but not a DeepSpeed checkpoint (no 'latest' file)")
-    tag_dir = path / latest.read_text().strip()
-    states = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
-    if not states:
-        raise ValueError(f"{tag_dir}: no DeepSpeed model-states file")
-    client = torch.load(states[0], map_location="cpu", weights_only=True)
-    checkpoint = {k: v for k, v in client.items() if k not in DEEPSPEED_STATE_KEYS}
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(path))
-    # Lightning < 2.1 wrapped the module as `_forward_module`
-    checkpoint["state_dict"] = {k.removeprefix("_forward_module."): v for k, v in weights.items()}
-    return checkpoint
-
-
-def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint file (CRC-checked, ``weights_only=True``) or a DeepSpeed ZeRO
-    checkpoint folder, as a dict with ``state_dict`` and this project's ``sa2va`` metadata."""
-    from sa2va.checkpointing import AtomicCheckpointIO
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        return _read_deepspeed_checkpoint(path)
-    return AtomicCheckpointIO().load_checkpoint(path, map_location="cpu")
-
-
-def build_untrained(info: Mapping[str, Any], mllm_path: str | None = None) -> nn.Module:
-    """The architecture recorded in ``info`` (``checkpoint["sa2va"]``), without reading any
-    pretrained weights, with the LoRA structure of its freeze policy (so the keys match).
-
-    A real-size model still reads its tokenizer and ``config.json`` (never its weights) from
-    ``model.mllm.path``; ``mllm_path`` points elsewhere when the checkpoint moved machines.
-    """
-    from hydra.utils import get_class
-
-    from sa2va.freeze import FreezePolicy
-
-    model_class = str(info.get("model_class", ""))
-    if not model_class.startswith("sa2va."):
-        raise ValueError(f"model class {model_class!r} is not one of this project's (sa2va.*)")
-    config = dict(info["model"])
-    if mllm_path is not None:
-        config["mllm"] = {**config["mllm"], "path": mllm_path}
-    path = (config.get("mllm") or {}).get("path")  # models without an MLLM have none
-    if path is not None and not Path(path).expanduser().is_dir():
-        raise FileNotFoundError(
-            f"model.mllm.path={path}: not found. The trained model's tokenizer and InternVL "
-            "config.json (not its weights) are read from there: pass the folder's new place "
-            "(mllm_path=...)"
-        )
-    model = get_class(model_class)(**config, load_pretrained=False)
-    if (info.get("freeze") or {}).get("lora"):
-        FreezePolicy(**info["freeze"]).apply(model)
-    return model
-
-
-def load_trained(
-    ckpt_path: str | Path, map_location: str | torch.device = "cpu", mllm_path: str | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained model of a checkpoint (eval mode, on ``map_location``) and its metadata.
-
-    Only the checkpoint is read (see :func:`build_untrained` for ``mllm_path``): the
-    architecture comes from its own config with ``load_pretrained=False``, and every weight
-    must be present with the right shape.
-    """
-    checkpoint = read_training_checkpoint(ckpt_path)
-    info = checkpoint.get("sa2va")
-    if not isinstance(info, Mapping) or not info.get("model"):
-        raise ValueError(f"{ckpt_path}: not a sa2va training checkpoint (no 'sa2va' model config)")
-    model = build_untrained(info, mllm_path)
-    weights = checkpoint["state_dict"]
-    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
-    load_checked(model, state, f"training checkpoint {ckpt_path}")
-    meta = {
-        **info,
-        "datamodule": checkpoint.get("datamodule_hyper_parameters"),
-        "global_step": checkpoint.get("global_step"),
-    }
-    return model.to(map_location).eval(), meta
 
 
 # ------------------------------------------------------------------ start-up checks

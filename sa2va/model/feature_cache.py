@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from sa2va.data.processor import key_frame_indices
+from sa2va.model.processor import key_frame_indices
 from sa2va.utils import atomic_write_bytes
 
 if TYPE_CHECKING:

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from sa2va.data.processor import Sa2VAProcessor
 from sa2va.model.feature_cache import FeatureCache, cached_encoders
 from sa2va.model.mllm import SEG_TOKEN, build_mllm
 from sa2va.model.official import is_sa2va_release, load_release_heads, release_has_sam2
+from sa2va.model.processor import Sa2VAProcessor
 from sa2va.model.sam2 import build_sam2, upsample
 from sa2va.utils import to_plain
 

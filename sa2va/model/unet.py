@@ -18,7 +18,7 @@ from monai.networks.nets import UNet
 from PIL import Image
 from torch import Tensor, nn
 
-from sa2va.data.processor import Sa2VAProcessor
+from sa2va.model.processor import Sa2VAProcessor
 from sa2va.model.sa2va import Sa2VAOutput
 from sa2va.model.sam2 import upsample
 

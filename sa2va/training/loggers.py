@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.nn import functional as F
 
-from sa2va.compare import override_label, swept_keys
+from sa2va.overrides import override_label, swept_keys
 from sa2va.utils import safe_dirname, to_plain
 
 # Flat config keys that name an ablation arm (plus every optim.lr_mult entry).

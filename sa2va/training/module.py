@@ -10,11 +10,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from sa2va.freeze import FreezePolicy, format_parameter_table, parameter_table
-from sa2va.losses import Sa2VALoss
-from sa2va.metrics import SegmentationMetrics
+from sa2va.evaluation.metrics import SegmentationMetrics
 from sa2va.model.feature_cache import FeatureCache
-from sa2va.optim import AdamWCosine
+from sa2va.training.freeze import FreezePolicy, format_parameter_table, parameter_table
+from sa2va.training.losses import Sa2VALoss
+from sa2va.training.optim import AdamWCosine
 
 log = logging.getLogger(__name__)
 

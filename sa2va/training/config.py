@@ -20,7 +20,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from sa2va.freeze import FreezeRule, LoraSettings
+from sa2va.training.freeze import FreezeRule, LoraSettings
 
 # OmegaConf 2.3 reads these annotations at run time and knows `Optional[X]`, not `X | None`.
 # ruff: noqa: UP007, UP045
@@ -71,7 +71,7 @@ class DataSchema:
 
 @dataclass
 class LossSchema:
-    """`sa2va.losses.Sa2VALoss` arguments."""
+    """`sa2va.training.losses.Sa2VALoss` arguments."""
 
     _target_: str = MISSING
     _convert_: str = "all"
@@ -93,7 +93,8 @@ class LossSchema:
 
 @dataclass
 class FreezeSchema:
-    """`sa2va.freeze.FreezePolicy` arguments; rules and LoRA use the policy's own dataclasses."""
+    """`sa2va.training.freeze.FreezePolicy` arguments; rules and LoRA use the policy's own
+    dataclasses."""
 
     _target_: str = MISSING
     _convert_: str = "all"  # the policy stores its config in checkpoints
@@ -109,13 +110,10 @@ SCHEMA_NAME = "_schema"
 
 
 def register_schemas() -> None:
-    """Store each schema as `<group>/_schema` (imported with `sa2va`, before any compose)."""
+    """Store each schema as `<group>/_schema`; every app calls this before Hydra composes."""
     store = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
         store.store(group=group, name=SCHEMA_NAME, node=schema)
-
-
-register_schemas()
 
 
 # ---------------------------------------------------------------- start-up checks
@@ -185,8 +183,8 @@ def _trainer_problems(trainer: DictConfig) -> list[str]:
 
 
 def _template_problems(data: DictConfig) -> list[str]:
-    from sa2va.data.processor import IMAGE_PLACEHOLDER
     from sa2va.model.mllm import SEG_TOKEN
+    from sa2va.model.processor import IMAGE_PLACEHOLDER
 
     prompt, answer = data.get("prompt_template"), data.get("answer_template")
     if prompt is None or answer is None:

@@ -28,14 +28,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pickle
 import random
-import re
-import shutil
 import signal
 import subprocess
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,63 +41,17 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from sa2va.model.trained import (
+    DiskFullError,
+    disk_full_error,
+    is_remote,
+    load_checkpoint,
+    tensor_bytes,
+)
 from sa2va.utils import atomic_open
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used; the message names the file."""
-
-
-class DiskFullError(CheckpointError):
-    """A write that ran out of disk space; the previous file at the path is untouched."""
-
-
-def _tensor_bytes(obj: Any) -> int:
-    """Bytes of all tensors in a nested container: what a checkpoint write needs, roughly."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-def disk_full_error(path: str | Path, needed: int, error: OSError) -> DiskFullError:
-    """The one-line error for an ``ENOSPC`` while writing ``path`` (``needed`` bytes)."""
-    folder = Path(path).parent
-    free = shutil.disk_usage(folder).free if folder.exists() else 0
-    return DiskFullError(
-        f"{path}: no space left on device ({error.strerror}): the write needs about "
-        f"{_mib(needed)}, {_mib(free)} free in {folder}; the previous file (if any) is unchanged"
-    )
-
-
-def _is_remote(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
-def verify_checkpoint(path: str | Path) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` is a complete torch archive whose CRCs
-    match (a truncated file has no zip directory; flipped bytes fail their record's CRC)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
-        raise CheckpointError(
-            f"{path}: truncated or not a checkpoint ({e}); "
-            "resume from an earlier checkpoint of the run"
-        ) from e
-    if bad is not None:
-        raise CheckpointError(f"{path}: corrupt checkpoint (CRC mismatch in {bad})")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -116,7 +66,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
-        if _is_remote(path) or storage_options is not None:
+        if is_remote(path) or storage_options is not None:
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         try:
@@ -125,7 +75,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
-            raise disk_full_error(path, _tensor_bytes(checkpoint), e) from e
+            raise disk_full_error(path, tensor_bytes(checkpoint), e) from e
 
     def load_checkpoint(
         self,
@@ -134,90 +84,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         """Always ``weights_only``: this project's checkpoints hold nothing that needs more."""
-        if _is_remote(path):
+        if is_remote(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
         return load_checkpoint(path, map_location, verify=self.verify)
 
 
-def load_checkpoint(
-    path: str | Path, map_location: Any = "cpu", verify: bool = True
-) -> dict[str, Any]:
-    """A Lightning checkpoint file, CRC-checked, holding only tensors and plain containers
-    (anything else would be code run by the unpickler); every failure names the file."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    if verify:
-        verify_checkpoint(path)
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        raise CheckpointError(
-            f"{path}: cannot load checkpoint: it holds a pickled "
-            f"{found[1] if found else 'Python object'}, which could run code when loaded; "
-            "refused (only tensors and plain containers load)"
-        ) from e
-    except Exception as e:  # torch raises RuntimeError/EOFError/... for damaged files
-        raise CheckpointError(f"{path}: cannot load checkpoint: {type(e).__name__}: {e}") from e
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    return checkpoint
-
-
 # ------------------------------------------------------------------ resumable data order
-
-
-class ResumableSampler(DistributedSampler):
-    """`DistributedSampler` order (a permutation seeded by ``seed + epoch``, split over
-    ranks) that can leave out the first ``skip`` indices of one pass.
-
-    Yields ``(epoch, index)`` pairs: the dataset then knows the epoch in any worker process
-    (a worker's copy of the dataset never sees ``set_epoch``).
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.skip = 0
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.skip :]
-        self.skip = 0
-        return iter([(self.epoch, i) for i in indices])
-
-
-class ResumableDataLoader(DataLoader):
-    """A training loader Lightning checkpoints (it saves ``state_dict()`` of any loader that
-    has one): the epoch and the number of its batches already handed to the training loop.
-
-    Batches are counted as this loader yields them; Lightning does not prefetch from loaders
-    with a length, so the count at checkpoint time is the number of batches trained on.
-    """
-
-    sampler: ResumableSampler
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, ResumableSampler):
-            raise TypeError("ResumableDataLoader needs sampler=ResumableSampler(...)")
-        self.batches_done = 0
-        self._resume: dict[str, int] | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        # A generator: runs at the first batch, after Lightning's `set_epoch` (which comes
-        # after `iter()` when a run resumes), so the sampler sees the right epoch.
-        resume, self._resume = self._resume, None
-        start = resume["batches"] if resume and resume["epoch"] == self.sampler.epoch else 0
-        self.sampler.skip = start * (self.batch_size or 1)
-        self.batches_done = start
-        for batch in super().__iter__():
-            self.batches_done += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self.batches_done}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
 
 
 # ------------------------------------------------------------------ RNG state

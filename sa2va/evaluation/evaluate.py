@@ -1,0 +1,475 @@
+"""Evaluation of a trained model on a split: per-frame predictions, per-video and pooled
+metrics, the report and its figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from sa2va.data.annotations import FrameRecord
+from sa2va.data.datamodule import OCTDataModule, load_rgb
+from sa2va.evaluation.metrics import (
+    METRIC_KEYS,
+    aggregate,
+    compute_image_metrics,
+    temporal_consistency,
+    tune_threshold,
+)
+from sa2va.figures import Case, case_figure, contact_sheet, save_figure
+from sa2va.inference.predict import (
+    load_model,
+    load_tuned_threshold,
+    resolve_device,
+    save_tuned_threshold,
+)
+from sa2va.inference.video import probabilities, seg_owners, segment_video
+from sa2va.model.sa2va import Sa2VA
+from sa2va.overrides import hydra_overrides
+from sa2va.utils import atomic_write_bytes, atomic_write_json, git_sha, to_plain
+
+log = logging.getLogger(__name__)
+
+TEMPORAL_KEYS = ("temporal_iou_diff", "iou_std", "max_iou_change", "fluctuation_ok", "success_rate")
+# Data settings that decide which videos land in which split, and what the prompts say.
+SPLIT_KEYS = (
+    "root",
+    "annotations_file",
+    "synthetic",
+    "split_ratios",
+    "split_seed",
+    "video_pattern",
+    "category_names",
+    "prompt_template",
+    "answer_template",
+)
+METRIC_LABELS = {
+    "iou": "IoU",
+    "dice": "Dice",
+    "precision": "Precision",
+    "recall": "Recall",
+    "cldice": "clDice",
+    "hd95": "HD95 (px)",
+    "nsd": "NSD",
+    "auprc": "AUPRC",
+    "temporal_iou_diff": "mean abs(IoU(P_t,P_t+1) - IoU(G_t,G_t+1))",
+    "iou_std": "std of per-frame IoU",
+    "max_iou_change": "max abs(IoU_t+1 - IoU_t)",
+    "fluctuation_ok": "share of videos with max change below the limit",
+    "success_rate": "share of frames with a non-empty mask",
+}
+
+
+# --------------------------------------------------------------------- data checks
+
+
+def data_differences(trained: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """Split-deciding data settings that differ between training and evaluation."""
+
+    def norm(key: str, value: Any) -> str:
+        value = to_plain(value)
+        if key == "root" and value is not None:
+            return str(Path(value).expanduser().resolve())
+        return json.dumps(value, sort_keys=True, default=str)
+
+    return {
+        key: {"trained": to_plain(trained.get(key)), "eval": to_plain(current.get(key))}
+        for key in SPLIT_KEYS
+        if norm(key, trained.get(key)) != norm(key, current.get(key))
+    }
+
+
+def check_data(
+    ckpt_path: str, trained: Mapping[str, Any] | None, current: Mapping[str, Any], strict: bool
+) -> dict[str, Any]:
+    """Refuse (``strict``) to evaluate on data split differently from the training run's."""
+    if trained is None:
+        log.warning("%s holds no data settings: cannot check the split against training", ckpt_path)
+        return {"checked": False}
+    diffs = data_differences(trained, current)
+    if diffs and strict:
+        lines = "; ".join(
+            f"{k}: trained={v['trained']!r} eval={v['eval']!r}" for k, v in diffs.items()
+        )
+        raise ValueError(
+            f"{ckpt_path}: the eval data settings differ from the training run's ({lines}), so "
+            "its splits would not be the training splits. Pass the training data settings "
+            "(e.g. data=oct data.root=...) or eval.check_data=false to evaluate on other data."
+        )
+    if diffs:
+        log.warning("eval data differs from training data: %s", diffs)
+    return {"checked": True, "differences": diffs}
+
+
+# ---------------------------------------------------------------------- prediction
+
+
+@dataclass
+class VideoResult:
+    """Probabilities and ground truth of one video, per frame (M objects, H, W)."""
+
+    video_id: str
+    records: list[FrameRecord]
+    objects: list[str]
+    probs: list[np.ndarray]
+    gts: list[np.ndarray]
+    missing: int  # (frame, object) pairs the model gave no mask for (generate mode)
+
+
+def predict_videos(
+    model: Sa2VA, dm: OCTDataModule, split: str, ecfg: DictConfig
+) -> Iterator[VideoResult]:
+    """Run the model over every whole video of ``split`` (masks at each image's own size)."""
+    videos = dm.videos(split)
+    if not videos:
+        raise ValueError(f"split {split!r} has no videos")
+    total = sum(len(v) for v in videos.values())
+    with tqdm(total=total, desc=f"eval {split}", unit="frame") as bar:
+        for video_id, records in videos.items():
+            objects = list(dict.fromkeys(n for r in records for n in r.object_names))
+            objects = objects or list(dm.category_names.values())
+            prompts = [dm.prompt_template.format(name=n) for n in objects]
+            answers = [dm.answer_template.format(name=n) for n in objects]
+            frames = [load_rgb(r.image_path) for r in records]
+            pred = segment_video(
+                model,
+                frames,
+                prompts,
+                answers,
+                mode=ecfg.mode,
+                video_mode=ecfg.video_mode,
+                key_frames=ecfg.key_frames,
+                batch_size=ecfg.batch_size,
+            )
+            probs, gts, missing = [], [], 0
+            for t, (record, frame) in enumerate(zip(records, frames, strict=True)):
+                hw = (frame.height, frame.width)
+                masks = probabilities(pred.logits[t], hw).cpu().numpy()
+                owners = seg_owners(prompts, pred.answers[t])
+                per_object = []
+                for j in range(len(objects)):
+                    if j in owners:
+                        per_object.append(masks[owners.index(j)])
+                    else:
+                        per_object.append(np.zeros(hw, np.float32))
+                        missing += 1
+                probs.append(np.stack(per_object))
+                gts.append(np.stack([record.mask(n, hw) for n in objects]))
+            bar.update(len(records))
+            yield VideoResult(video_id, records, objects, probs, gts, missing)
+
+
+def tune_on_val(model: Sa2VA, dm: OCTDataModule, ecfg: DictConfig) -> dict[str, Any]:
+    """Threshold maximising the mean per-image ``eval.tune_metric`` on the validation split."""
+    probs, gts = [], []
+    for video in predict_videos(model, dm, "val", ecfg):
+        for p, g in zip(video.probs, video.gts, strict=True):
+            probs.extend(p)
+            gts.extend(g)
+    grid = np.linspace(ecfg.threshold_grid.start, ecfg.threshold_grid.stop, ecfg.threshold_grid.num)
+    best, table = tune_threshold(probs, gts, grid, metric=ecfg.tune_metric)
+    return {
+        "threshold": best,
+        "metric": ecfg.tune_metric,
+        "split": "val",
+        "n_images": len(probs),
+        "video_mode": ecfg.video_mode,
+        "mode": ecfg.mode,
+        "table": table,
+    }
+
+
+# ------------------------------------------------------------------------- scoring
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    array = np.asarray(values, dtype=np.float64)
+    array = array[~np.isnan(array)]
+    return float(array.mean()) if array.size else float("nan")
+
+
+def score_video(
+    video: VideoResult, threshold: float, tolerance: float, fluctuation_limit: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-image rows (frame x object) and per-video rows (one per object) of one video."""
+    image_rows, video_rows = [], []
+    for j, name in enumerate(video.objects):
+        rows = [
+            {
+                "video_id": video.video_id,
+                "frame_index": record.frame_index,
+                "image": str(record.image_path),
+                "object": name,
+                **compute_image_metrics(probs[j], gts[j], threshold, tolerance),
+            }
+            for record, probs, gts in zip(video.records, video.probs, video.gts, strict=True)
+        ]
+        temporal = temporal_consistency(
+            [p[j] > threshold for p in video.probs], [g[j] for g in video.gts], fluctuation_limit
+        )
+        means = {k: _nanmean([r[k] for r in rows]) for k in METRIC_KEYS}
+        video_rows.append({"video_id": video.video_id, "object": name, **means, **temporal})
+        image_rows.extend(rows)
+    return image_rows, video_rows
+
+
+def summarise(
+    image_rows: list[dict], video_rows: list[dict], threshold: float, n_boot: int, seed: int
+) -> dict[str, Any]:
+    """Per image (primary), per video, pooled (secondary), and temporal consistency."""
+    summary = {"threshold": threshold, **aggregate(image_rows, n_boot=n_boot, seed=seed)}
+    # One row per video (and object): aggregate()'s row-level summary is the per-video one.
+    temporal = aggregate(video_rows, metrics=TEMPORAL_KEYS, n_boot=n_boot, seed=seed)
+    summary["temporal"] = temporal["per_image"]
+    summary["success_rate"] = float(np.mean([r["tp"] + r["fp"] > 0 for r in image_rows]))
+    return summary
+
+
+# -------------------------------------------------------------------------- output
+
+
+def csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def _stat(s: Mapping[str, float]) -> str:
+    if not s["n"]:
+        return "n/a"
+    return f"{s['mean']:.4f} ± {s['std']:.4f} [{s['ci_low']:.4f}, {s['ci_high']:.4f}]"
+
+
+def results_markdown(summary: Mapping[str, Any]) -> str:
+    """Markdown tables of a finished evaluation (what goes into a paper's results section)."""
+    lines = [
+        f"# Evaluation of `{Path(summary['checkpoint']).name}` on the {summary['split']} split",
+        "",
+        f"- checkpoint: `{summary['checkpoint']}`",
+        f"- images (frame x object): {summary['n_images']}, videos: {summary['n_videos']}",
+        f"- video mode: {summary['video_mode']}, answer mode: {summary['mode']}",
+        f"- git: {summary['git_sha']}",
+    ]
+    tuning = summary.get("threshold_tuning")
+    if tuning:
+        lines.append(
+            f"- threshold tuned on {tuning['split']} ({tuning['n_images']} images, max mean "
+            f"per-image {tuning['metric']}): {tuning['threshold']:g}"
+        )
+    ci = int(round(100 * summary["ci"]))
+    for name, result in summary["results"].items():
+        lines += [
+            "",
+            f"## Segmentation, threshold {result['threshold']:g} ({name})",
+            "",
+            f"| metric | per image: mean ± std [{ci}% CI] | per video: mean ± std [{ci}% CI] "
+            "| pooled pixels |",
+            "|---|---|---|---|",
+        ]
+        for key, stats in result["per_image"].items():
+            pooled = result.get("pooled", {}).get(key)
+            pooled_text = f"{pooled:.4f}" if pooled is not None else ""
+            label = f"{METRIC_LABELS[key]} (n={stats['n']})"
+            lines.append(
+                f"| {label} | {_stat(stats)} | {_stat(result['per_video'][key])} | {pooled_text} |"
+            )
+        lines += [
+            "",
+            f"Temporal consistency per video ({result['success_rate']:.1%} of frames have a mask):",
+            "",
+            f"| metric | mean ± std [{ci}% CI] over videos |",
+            "|---|---|",
+        ]
+        lines += [f"| {METRIC_LABELS[k]} | {_stat(s)} |" for k, s in result["temporal"].items()]
+    lines += [
+        "",
+        "Per image is the primary aggregation; per video averages each video first; pooled "
+        "pixels sums TP/FP/FN over all images (weights frames by vessel area). Empty-mask "
+        "policy and metric definitions: `sa2va/metrics.py`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def select_cases(rows: Sequence[Mapping[str, Any]], k: int) -> list[tuple[str, int]]:
+    """(category, row index) of the k best, median and worst rows by Dice, without repeats.
+
+    Frames with an empty ground truth are left out when any other frame exists: they score
+    1 for an empty prediction and would crowd out the informative cases.
+    """
+    if k <= 0 or not rows:
+        return []
+    indices = [i for i, r in enumerate(rows) if r["tp"] + r["fn"] > 0] or list(range(len(rows)))
+    indices.sort(key=lambda i: rows[i]["dice"])
+    start = max((len(indices) - k) // 2, 0)
+    picks = [
+        ("best", indices[::-1][:k]),
+        ("median", indices[start : start + k]),
+        ("worst", indices[:k]),
+    ]
+    chosen, seen = [], set()
+    for category, group in picks:
+        for i in group:
+            if i not in seen:
+                chosen.append((category, i))
+                seen.add(i)
+    return chosen
+
+
+def write_figures(
+    out_dir: Path,
+    rows: Sequence[Mapping[str, Any]],
+    probs: Mapping[tuple[str, int, str], np.ndarray],
+    videos: Mapping[str, list[FrameRecord]],
+    k: int,
+    threshold: float,
+) -> list[Path]:
+    """A four-panel figure for each selected case (see :func:`select_cases`) + a contact sheet."""
+    paths, cases = [], []
+    for index, (category, i) in enumerate(select_cases(rows, k)):
+        row = rows[i]
+        key = (row["video_id"], row["frame_index"], row["object"])
+        record = next(r for r in videos[row["video_id"]] if r.frame_index == row["frame_index"])
+        prob = probs[key].astype(np.float32)
+        case = Case(
+            image=np.asarray(load_rgb(record.image_path)),
+            prob=prob,
+            gt=record.mask(row["object"], prob.shape),
+            threshold=threshold,
+            title=f"{category}: {row['video_id']} frame {row['frame_index']}, "
+            f"Dice {row['dice']:.3f}",
+        )
+        name = f"{index:02d}_{category}_{row['video_id']}_{row['frame_index']:06d}.png"
+        paths.append(save_figure(case_figure(case), out_dir / name))
+        cases.append(case)
+    if cases:
+        paths.append(save_figure(contact_sheet(cases), out_dir / "contact_sheet.png"))
+    return paths
+
+
+def log_to_wandb(cfg: DictConfig, summary: Mapping[str, Any], figures: Sequence[Path]) -> None:
+    """Log summary scalars and figures to W&B: a ``logger=wandb`` config, or an active run."""
+    configs = [c for c in (cfg.get("logger") or {}).values() if c is not None]
+    wandb_configs = [c for c in configs if "Wandb" in str(c.get("_target_", ""))]
+    wandb = sys.modules.get("wandb")
+    if wandb_configs:
+        import wandb
+
+        run, owned = instantiate(wandb_configs[0]).experiment, True
+    elif wandb is not None and wandb.run is not None:
+        run, owned = wandb.run, False
+    else:
+        return
+    prefix = f"eval/{summary['split']}"
+    data: dict[str, Any] = {}
+    for name, result in summary["results"].items():
+        for key, stats in result["per_image"].items():
+            data[f"{prefix}/{name}/{key}"] = stats["mean"]
+        data[f"{prefix}/{name}/threshold"] = result["threshold"]
+    data |= {f"{prefix}/figures/{p.stem}": wandb.Image(str(p)) for p in figures}
+    run.log(data)
+    if owned:
+        wandb.finish()
+
+
+# ------------------------------------------------------------------------ pipeline
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.eval.split``; always leaves ``metrics.json`` behind."""
+    ecfg = cfg.eval
+    out_dir = Path(cfg.paths.output_dir)
+    summary: dict[str, Any] = {
+        "status": "running",
+        "checkpoint": str(cfg.ckpt_path),
+        "split": ecfg.split,
+        "video_mode": ecfg.video_mode,
+        "mode": ecfg.mode,
+        "ci": ecfg.ci,
+        "overrides": hydra_overrides(),
+        "git_sha": git_sha(),
+        "output_dir": str(out_dir),
+    }
+    try:
+        model, meta = load_model(cfg.ckpt_path, resolve_device(ecfg.device))
+        dm = instantiate(cfg.data)
+        dm.processor = model.processor
+        summary["data_check"] = check_data(
+            str(cfg.ckpt_path), meta.get("datamodule"), dm.hparams, ecfg.check_data
+        )
+        points = {"default": float(ecfg.threshold)}
+        if ecfg.tune_threshold:
+            if ecfg.split == "val":
+                log.warning("tuning and reporting on val: the tuned result is optimistic")
+            tuning = tune_on_val(model, dm, ecfg)
+            save_tuned_threshold(cfg.ckpt_path, tuning)
+        else:
+            tuning = load_tuned_threshold(cfg.ckpt_path)
+            if tuning and (tuning.get("video_mode"), tuning.get("mode")) != (
+                ecfg.video_mode,
+                ecfg.mode,
+            ):
+                log.warning(
+                    "the saved threshold was tuned with video_mode=%s mode=%s",
+                    tuning.get("video_mode"),
+                    tuning.get("mode"),
+                )
+        if tuning is not None:
+            points["tuned"] = float(tuning["threshold"])
+            summary["threshold_tuning"] = {k: v for k, v in tuning.items() if k != "table"}
+
+        image_rows = {name: [] for name in points}
+        video_rows = {name: [] for name in points}
+        kept_probs: dict[tuple[str, int, str], np.ndarray] = {}  # for the figures
+        missing = 0
+        for video in predict_videos(model, dm, ecfg.split, ecfg):
+            missing += video.missing
+            for name, threshold in points.items():
+                rows, vrows = score_video(video, threshold, ecfg.tolerance, ecfg.fluctuation_limit)
+                image_rows[name].extend(rows)
+                video_rows[name].extend(vrows)
+            for record, probs in zip(video.records, video.probs, strict=True):
+                for name, prob in zip(video.objects, probs, strict=True):
+                    kept_probs[(video.video_id, record.frame_index, name)] = prob.astype(np.float16)
+        summary["missing_masks"] = missing
+        summary["results"] = {
+            name: summarise(image_rows[name], video_rows[name], points[name], ecfg.n_boot, cfg.seed)
+            for name in points
+        }
+        summary["n_images"] = summary["results"]["default"]["n_images"]
+        summary["n_videos"] = summary["results"]["default"]["n_videos"]
+        for name in points:
+            suffix = "" if name == "default" else f"_{name}"
+            atomic_write_bytes(out_dir / f"per_image{suffix}.csv", csv_bytes(image_rows[name]))
+            atomic_write_bytes(out_dir / f"per_video{suffix}.csv", csv_bytes(video_rows[name]))
+        figures = write_figures(
+            out_dir / "figures",
+            image_rows["default"],
+            kept_probs,
+            dm.videos(ecfg.split),
+            ecfg.num_figures,
+            points["default"],
+        )
+        summary["figures"] = [str(p) for p in figures]
+        summary["status"] = "completed"
+        atomic_write_bytes(out_dir / "results.md", results_markdown(summary).encode())
+    except BaseException as error:
+        summary["status"] = "failed"
+        summary["error"] = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        atomic_write_json(out_dir / "metrics.json", summary)
+    log_to_wandb(cfg, summary, figures)
+    return summary

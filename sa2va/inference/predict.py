@@ -1,0 +1,313 @@
+"""Prediction on new frames and videos: inputs, model loading, thresholds, and the written masks
+and overlays."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm import tqdm
+
+from sa2va.data.datamodule import load_rgb
+from sa2va.figures import overlay_masks, png_bytes
+from sa2va.inference.video import VIDEO_MODES, probabilities, seg_owners, segment_video
+from sa2va.utils import atomic_write_bytes, atomic_write_json, to_plain
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+PROB_FORMATS = (None, "png16", "npy")
+
+
+class InputError(ValueError):
+    """An input that cannot be used; the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------- model loading
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(ckpt_path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A trained model in eval mode on ``device`` and the checkpoint's metadata, through
+    :func:`sa2va.model.trained.load_trained` (or :func:`sa2va.model.trained.load_exported` for an
+    export folder): nothing pretrained is read and every weight loads strictly, so a
+    checkpoint never falls back to pretrained weights."""
+    from sa2va.model.trained import load_trained
+
+    path = Path(ckpt_path).expanduser()
+    if not path.exists():  # a file, or a DeepSpeed checkpoint / export folder
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if (path / "manifest.json").is_file():
+        from sa2va.model.trained import exported_meta, load_exported
+
+        return load_exported(path).to(device), exported_meta(path)
+    return load_trained(path, map_location=device)
+
+
+# ------------------------------------------------------------------ tuned threshold
+
+
+def threshold_path(ckpt_path: str | Path) -> Path:
+    """Where the threshold tuned for a checkpoint lives: ``<ckpt>.threshold.json``."""
+    path = Path(ckpt_path)
+    return path.with_name(path.name + ".threshold.json")
+
+
+def checkpoint_fingerprint(ckpt_path: str | Path) -> dict[str, int]:
+    """Size and mtime: a re-written checkpoint (e.g. ``last.ckpt``) invalidates its threshold."""
+    stat = Path(ckpt_path).stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def save_tuned_threshold(ckpt_path: str | Path, record: Mapping[str, Any]) -> Path:
+    path = threshold_path(ckpt_path)
+    atomic_write_json(path, {**record, "checkpoint": checkpoint_fingerprint(ckpt_path)})
+    return path
+
+
+def load_tuned_threshold(ckpt_path: str | Path) -> dict[str, Any] | None:
+    """The saved tuning record, or None when absent or made for another checkpoint version."""
+    path = threshold_path(ckpt_path)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("checkpoint") != checkpoint_fingerprint(ckpt_path):
+        log.warning("%s: ignored, the checkpoint changed after the threshold was tuned", path)
+        return None
+    return record
+
+
+def resolve_threshold(
+    explicit: float | None, ckpt_path: str | Path, meta: Mapping[str, Any]
+) -> tuple[float, str]:
+    """Explicit value > threshold tuned on val (``<ckpt>.threshold.json``) > checkpoint's."""
+    if explicit is not None:
+        return float(explicit), "predict.threshold"
+    tuned = load_tuned_threshold(ckpt_path)
+    if tuned is not None:
+        return float(tuned["threshold"]), str(threshold_path(ckpt_path))
+    return float(meta.get("threshold", 0.5)), "checkpoint"
+
+
+# -------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class InputItem:
+    """One sequence to segment: image files in order, or one video file."""
+
+    name: str
+    images: list[Path] = field(default_factory=list)
+    video: Path | None = None
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def discover_inputs(
+    source: str | Path, sequence: str | bool = "auto", video_pattern: str | None = None
+) -> list[InputItem]:
+    """An image, a video file, or a folder of images -> sequences.
+
+    A folder's images form one sequence (``sequence=true``), one each (``false``), or with
+    ``auto`` those matching ``video_pattern`` (``<video>_frame_<n>.jpg``) are grouped into
+    videos by name and the rest are single images. Order is natural (frame_2 < frame_10).
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            return [InputItem(path.stem, images=[path])]
+        if suffix in VIDEO_SUFFIXES:
+            return [InputItem(path.stem, video=path)]
+        known = sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+        raise InputError(f"{path}: unsupported file type {suffix!r} (expected one of {known})")
+    images = sorted(
+        (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+        key=_natural_key,
+    )
+    if not images:
+        raise InputError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder")
+    if sequence is True or sequence == "true":
+        return [InputItem(path.name, images=images)]
+    if sequence is False or sequence == "false" or not video_pattern:
+        return [InputItem(p.stem, images=[p]) for p in images]
+    if sequence != "auto":
+        raise ValueError(f"predict.sequence must be auto, true or false, got {sequence!r}")
+    pattern = re.compile(video_pattern)
+    videos: dict[str, list[Path]] = defaultdict(list)
+    singles = []
+    for image in images:
+        match = pattern.match(image.name)
+        if match:
+            videos[match.group("video")].append(image)
+        else:
+            singles.append(InputItem(image.stem, images=[image]))
+    return [InputItem(name, images=frames) for name, frames in videos.items()] + singles
+
+
+def _video_reader_available() -> bool:
+    """imageio reads video files through imageio-ffmpeg or PyAV, neither a dependency here."""
+    return any(importlib.util.find_spec(m) is not None for m in ("imageio_ffmpeg", "av"))
+
+
+def read_frames(item: InputItem) -> list[tuple[str, Image.Image]]:
+    """(frame name, RGB image) pairs; unreadable files raise :class:`InputError`."""
+    if item.video is None:
+        frames = []
+        for path in item.images:
+            try:
+                frames.append((path.stem, load_rgb(path)))
+            except (OSError, ValueError) as error:
+                raise InputError(f"{path}: cannot read image ({error})") from error
+        return frames
+    if not _video_reader_available():
+        raise InputError(
+            f"{item.video}: reading video files needs imageio-ffmpeg or av, which are not "
+            "installed. Extract the frames instead, e.g. "
+            f"`ffmpeg -i {item.video.name} frames/{item.name}_frame_%06d.png`, and pass "
+            "input=frames/ (or pip install imageio-ffmpeg)."
+        )
+    import imageio.v3 as iio
+
+    try:
+        arrays = list(iio.imiter(item.video))
+    except Exception as error:  # imageio raises plugin-specific types
+        raise InputError(f"{item.video}: cannot read video ({error})") from error
+    if not arrays:
+        raise InputError(f"{item.video}: video has no frames")
+    return [
+        (f"{item.name}_frame_{i:06d}", Image.fromarray(np.asarray(a)).convert("RGB"))
+        for i, a in enumerate(arrays)
+    ]
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def mask_labels(owners: Sequence[int]) -> list[str]:
+    """File labels of a frame's masks: ``p<i>``, or ``p<i>_<j>`` when prompt i owns several."""
+    counts = Counter(owners)
+    seen: dict[int, int] = defaultdict(int)
+    labels = []
+    for owner in owners:
+        labels.append(f"p{owner}" if counts[owner] == 1 else f"p{owner}_{seen[owner]}")
+        seen[owner] += 1
+    return labels
+
+
+def _write_frame(
+    out: Path,
+    name: str,
+    image: Image.Image,
+    probs: np.ndarray,
+    labels: Sequence[str],
+    threshold: float,
+    save_probs: str | None,
+    overlays: bool,
+) -> dict[str, str]:
+    """Masks (+ probabilities, overlay) of one frame; returns label -> mask file."""
+    files = {}
+    for prob, label in zip(probs, labels, strict=True):
+        mask_file = out / "masks" / f"{name}_{label}.png"
+        atomic_write_bytes(mask_file, png_bytes(((prob > threshold) * 255).astype(np.uint8)))
+        files[label] = str(mask_file.relative_to(out))
+        if save_probs == "png16":
+            quantised = np.round(prob * 65535).astype(np.uint16)
+            atomic_write_bytes(out / "probs" / f"{name}_{label}.png", png_bytes(quantised))
+        elif save_probs == "npy":
+            (out / "probs").mkdir(parents=True, exist_ok=True)
+            np.save(out / "probs" / f"{name}_{label}.npy", prob.astype(np.float32))
+    if overlays:
+        overlay = overlay_masks(np.asarray(image), [p > threshold for p in probs])
+        atomic_write_bytes(out / "overlays" / f"{name}.png", png_bytes(overlay))
+    return files
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Segment every input sequence; all outputs appear together or not at all."""
+    pcfg = cfg.predict
+    prompts = to_plain(cfg.prompt)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"prompt must be a non-empty string or list of strings, got {prompts!r}")
+    if pcfg.save_probs not in PROB_FORMATS:
+        raise ValueError(f"predict.save_probs must be one of {PROB_FORMATS}, got {pcfg.save_probs}")
+    if pcfg.video_mode not in VIDEO_MODES:
+        raise ValueError(f"predict.video_mode must be one of {VIDEO_MODES}, got {pcfg.video_mode}")
+    items = discover_inputs(cfg.input, pcfg.sequence, pcfg.video_pattern)
+    final = Path(pcfg.output_dir).expanduser()
+    if final.exists():
+        raise FileExistsError(f"{final}: already exists; choose another predict.output_dir")
+
+    model, meta = load_model(cfg.ckpt_path, resolve_device(pcfg.device))
+    threshold, source = resolve_threshold(pcfg.threshold, cfg.ckpt_path, meta)
+    log.info("threshold %.3f (from %s)", threshold, source)
+    answers = to_plain(pcfg.answer)
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    summary: dict[str, Any] = {
+        "checkpoint": str(cfg.ckpt_path),
+        "threshold": threshold,
+        "threshold_source": source,
+        "mode": pcfg.mode,
+        "video_mode": pcfg.video_mode,
+        "prompts": prompts,
+        "sequences": [],
+    }
+    try:
+        for item in tqdm(items, desc="predict", unit="sequence"):
+            names, frames = zip(*read_frames(item), strict=True)
+            pred = segment_video(
+                model,
+                frames,
+                prompts,
+                answers,
+                mode=pcfg.mode,
+                video_mode=pcfg.video_mode,
+                key_frames=pcfg.key_frames,
+                batch_size=pcfg.batch_size,
+                max_new_tokens=pcfg.max_new_tokens,
+            )
+            records = []
+            for t, (name, image) in enumerate(zip(names, frames, strict=True)):
+                probs = probabilities(pred.logits[t], (image.height, image.width)).cpu().numpy()
+                labels = mask_labels(seg_owners(prompts, pred.answers[t]))
+                files = _write_frame(
+                    tmp, name, image, probs, labels, threshold, pcfg.save_probs, pcfg.overlays
+                )
+                records.append({"frame": name, "answers": pred.answers[t], "masks": files})
+            summary["sequences"].append({"name": item.name, "frames": records})
+        atomic_write_json(tmp / "predictions.json", summary)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_frames = sum(len(s["frames"]) for s in summary["sequences"])
+    log.info("wrote %d frames of predictions to %s", n_frames, final)
+    return {**summary, "output_dir": str(final), "n_frames": n_frames}
