@@ -5,42 +5,19 @@ an uninterrupted run ends. A second signal during that write changes nothing."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import lightning as L
 import pytest
 import torch
 from helpers.resume import RANDOM, RESUMABLE, assert_same_end, uninterrupted
 from omegaconf import open_dict
 
-from sa2va.training.checkpointing import REQUEUE_EXIT_CODE, Preempted, Preemption
+from sa2va.training.checkpointing import REQUEUE_EXIT_CODE, Preempted
 from sa2va.training.run import train
 from sa2va.utils import REPO_ROOT
-
-
-class SignalAt(L.Callback):
-    """Sends ``signum`` to this process after optimiser step ``step``."""
-
-    def __init__(self, step: int, signum: str = "SIGTERM") -> None:
-        self.step, self.signum = step, signal.Signals[signum]
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
-
-
-class SignalDuringPreemptionSave(L.Callback):
-    """Sends SIGTERM to this process while the preemption checkpoint is being written
-    (Lightning calls ``on_save_checkpoint`` in the middle of the save)."""
-
-    def on_save_checkpoint(self, trainer: L.Trainer, *args: object) -> None:
-        (preemption,) = [c for c in trainer.callbacks if isinstance(c, Preemption)]
-        if preemption.received is not None:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_sigterm_checkpoints_at_the_step_boundary_and_a_restart_resumes_exactly(
@@ -56,7 +33,10 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_a_restart_resumes_exactly(
         return train(cfg)
 
     with pytest.raises(Preempted) as stop:
-        run("+callbacks.signal._target_=tests.test_preemption.SignalAt", "+callbacks.signal.step=3")
+        run(
+            "+callbacks.signal._target_=tests.helpers.callbacks.SignalAt",
+            "+callbacks.signal.step=3",
+        )
     assert stop.value.code == REQUEUE_EXIT_CODE
     assert "SIGTERM" in str(stop.value) and "after step 4" in str(stop.value)
     preempted = run_dir / "checkpoints" / "preempted.ckpt"
@@ -84,7 +64,7 @@ def test_sigusr1_to_a_training_process_then_the_same_command_ends_exactly(
         *RANDOM,
         f"hydra.run.dir={run_dir}",
         f"paths.cache_dir={cache_dir}",
-        "+callbacks.second._target_=tests.test_preemption.SignalDuringPreemptionSave",
+        "+callbacks.second._target_=tests.helpers.callbacks.SignalDuringPreemptionSave",
     ]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
     last = run_dir / "checkpoints" / "last.ckpt"

@@ -4,7 +4,6 @@ uninterrupted result; non-finite steps are skipped (weights untouched) or stop t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,21 +26,6 @@ from sa2va.training.run import build, train
 from sa2va.utils import CONF_DIR, REPO_ROOT
 
 CRASH_STEP = 5
-
-
-class CrashAt(L.Callback):
-    """Die after optimiser step ``step``: raise, or SIGKILL the process (as the OOM killer or a
-    lost node: no handler runs). Checkpoint callbacks run after this one, so the newest
-    checkpoint is the previous step's."""
-
-    def __init__(self, step: int, sigkill: bool = False) -> None:
-        self.step, self.sigkill = step, sigkill
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            if self.sigkill:
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"simulated crash after step {self.step}")
 
 
 def _check_resume(
@@ -81,7 +65,7 @@ def test_crashed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path, 
         cfg = compose_cfg(
             *RESUMABLE,
             *overrides,
-            "+callbacks.crash._target_=tests.test_resume.CrashAt",
+            "+callbacks.crash._target_=tests.helpers.callbacks.CrashAt",
             f"+callbacks.crash.step={CRASH_STEP}",
         )
         with open_dict(cfg):
@@ -103,7 +87,7 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(compose_cfg, tmp_
                 *RESUMABLE,
                 f"hydra.run.dir={run_dir}",
                 f"paths.cache_dir={cache_dir}",
-                "+callbacks.crash._target_=tests.test_resume.CrashAt",
+                "+callbacks.crash._target_=tests.helpers.callbacks.CrashAt",
                 f"+callbacks.crash.step={CRASH_STEP}",
                 "+callbacks.crash.sigkill=true",
             ],
@@ -130,7 +114,7 @@ def test_two_process_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, cache
     full_dir, crashed = tmp_path / "full", tmp_path / "crashed"
     full = run(full_dir)
     assert full.returncode == 0, full.stderr[-3000:]
-    crash = run(crashed, "+callbacks.crash._target_=tests.test_resume.CrashAt",
+    crash = run(crashed, "+callbacks.crash._target_=tests.helpers.callbacks.CrashAt",
                 f"+callbacks.crash.step={CRASH_STEP}")  # fmt: skip
     assert crash.returncode != 0 and "simulated crash" in crash.stderr, crash.stderr[-3000:]
     assert last_checkpoint_meta(crashed)["global_step"] == CRASH_STEP - 1
