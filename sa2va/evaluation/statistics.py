@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -145,3 +146,28 @@ def paired_test(
     diff = a - r
     delta = cluster_bootstrap_ci(diff, clusters, n_boot, ci, seed, min_units)
     return PairedTest(delta, wilcoxon_p(diff), int((~np.isnan(diff)).sum()))
+
+
+def video_cis(
+    result: dict[str, Any],
+    image_rows: Sequence[dict[str, Any]],
+    n_boot: int,
+    seed: int,
+    min_units: int = MIN_UNITS,
+) -> None:
+    """Set an evaluation result's CIs over the units that support one: videos.
+
+    Frames of one video are correlated, so the per-image mean's CI resamples whole videos
+    (cluster bootstrap), and every CI (per image, per video, temporal) is left out (None)
+    below ``min_units`` videos, where an interval would say little.
+    """
+    videos = [r["video_id"] for r in image_rows]
+    for key, summary in result["per_image"].items():
+        values = [float(r.get(key, np.nan)) for r in image_rows]
+        ci = cluster_bootstrap_ci(values, videos, n_boot, seed=seed, min_units=min_units)
+        summary["ci_low"], summary["ci_high"] = (ci.low, ci.high) if ci.has_ci else (None, None)
+    for table in (result["per_video"], result["temporal"]):
+        for summary in table.values():
+            if summary["n"] < min_units:
+                summary["ci_low"] = summary["ci_high"] = None
+    result["ci_units"] = {"unit": "video", "min_units": min_units}

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from sa2va.evaluation.evaluate import results_markdown
+from sa2va.evaluation.metrics import aggregate
 from sa2va.evaluation.statistics import (
     cluster_bootstrap_ci,
     holm,
     paired_test,
     seed_interval,
+    video_cis,
     wilcoxon_p,
 )
 
@@ -95,3 +98,47 @@ def test_paired_test_differences_arm_minus_reference():
     assert test.delta.low < test.delta.estimate < test.delta.high
     with pytest.raises(ValueError, match="differ in length"):
         paired_test(arm[:3], reference, videos)
+
+
+def eval_result(videos: int) -> tuple[dict, list[dict]]:
+    """An evaluation result as `sa2va.eval` summarises one: 3 frames per video."""
+    rows = [
+        {"video_id": f"v{i // 3}", "dice": float(d), "iou": float(d) / 2}
+        for i, d in enumerate(np.resize(VALUES, 3 * videos))
+    ]
+    result = aggregate(rows, n_boot=200)
+    result["temporal"] = aggregate(rows[::3], metrics=["iou"], n_boot=200)["per_image"]
+    return result, rows
+
+
+def test_eval_cis_resample_videos_and_are_left_out_below_the_minimum():
+    result, rows = eval_result(videos=5)
+    video_cis(result, rows, n_boot=500, seed=3)
+    expected = cluster_bootstrap_ci(
+        [r["dice"] for r in rows], [r["video_id"] for r in rows], 500, seed=3
+    )
+    assert (result["per_image"]["dice"]["ci_low"], result["per_image"]["dice"]["ci_high"]) == (
+        expected.low,
+        expected.high,
+    )
+    assert result["per_video"]["dice"]["ci_low"] is not None
+    assert result["ci_units"] == {"unit": "video", "min_units": 4}
+
+    few, few_rows = eval_result(videos=2)
+    video_cis(few, few_rows, n_boot=500, seed=3)
+    tables = (few["per_image"], few["per_video"], few["temporal"])
+    assert all(s["ci_low"] is None and s["ci_high"] is None for t in tables for s in t.values())
+    few |= {"threshold": 0.5, "success_rate": 1.0}
+    summary = {
+        "checkpoint": "run/last.ckpt",
+        "split": "test",
+        "n_images": 6,
+        "n_videos": 2,
+        "video_mode": "per_frame",
+        "mode": "fast",
+        "git_sha": None,
+        "ci": 0.95,
+        "results": {"default": few},
+    }
+    dice = few["per_image"]["dice"]
+    assert f"{dice['mean']:.4f} ± {dice['std']:.4f} (no CI: 2 videos)" in results_markdown(summary)
