@@ -132,6 +132,7 @@ def load_job(run_dir: Path) -> Job:
     An evaluation run whose checkpoint's training run is at hand takes that run's arm
     (overrides, choices, config) plus its own overrides other than ``ckpt_path`` and
     ``seed`` (the bootstrap seed), so the evaluations of one sweep group like its jobs.
+    An evaluation's ``model`` always counts as an override (an arm key).
     """
     hydra_dir = run_dir / ".hydra"
     hydra_cfg = _load_yaml(hydra_dir / "hydra.yaml").hydra
@@ -157,6 +158,11 @@ def load_job(run_dir: Path) -> Job:
             arm = load_job(trained)
             own = {k: v for k, v in overrides.items() if k not in ("ckpt_path", "seed")}
             overrides, choices, config = arm.overrides | own, arm.choices | choices, arm.config
+        # every evaluation names its model (a config choice, or the name nnunet.yaml gives),
+        # so rows differ by model even where no sweep varied it
+        model = choices.get("model") or config.get("model")
+        if isinstance(model, str):
+            overrides.setdefault("model", model)
     csv_files = sorted(p for p in run_dir.rglob("metrics.csv") if "wandb" not in p.parts)
     return Job(
         source=str(run_dir),
