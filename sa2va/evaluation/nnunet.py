@@ -115,8 +115,10 @@ def set_nnunet_env(root: Path, workers: int, processes: int) -> dict[str, Path]:
     for key, folder in folders.items():
         folder.mkdir(parents=True, exist_ok=True)
         os.environ[key] = str(folder)
-    # nnU-Net's own (mixed-case) names; 0 augmentation workers: in the main process
-    os.environ["nnUNet_n_proc_DA"] = str(workers)  # noqa: SIM112
+    # nnU-Net's own (mixed-case) names. Its planner sets torch's thread count to the
+    # augmentation worker count, which must be positive there; plan_and_train sets the
+    # count training uses (0: augmentation in the training process) after planning.
+    os.environ["nnUNet_n_proc_DA"] = str(max(workers, 1))  # noqa: SIM112
     os.environ["nnUNet_def_n_proc"] = str(processes)  # noqa: SIM112
     return folders
 
@@ -150,6 +152,7 @@ def plan_and_train(dataset_id: int, ncfg: DictConfig, device) -> Path:
         num_processes=[ncfg.processes],
     )
     folder = Path(nnUNet_preprocessed) / convert_id_to_dataset_name(dataset_id)
+    os.environ["nnUNet_n_proc_DA"] = str(ncfg.workers)  # noqa: SIM112
     trainer = nnUNetTrainer(
         load_json(str(folder / f"{plans_name}.json")),
         ncfg.configuration,
