@@ -350,7 +350,7 @@ class Comparison:
             + f") in {len(self.groups)} groups. Cells: mean ± sample std over a group's"
             " completed jobs (its seeds): "
             + (
-                "per-image means of the evaluation (threshold 0.5)."
+                "per-image means of each evaluation at its default threshold (eval.threshold)."
                 if self.tests or any(j.images for j in self.jobs)
                 else "final validation metrics, and each run's best validation Dice."
             ),
