@@ -133,32 +133,20 @@ def resolve_device(name: str):
 
 def plan_and_train(dataset_id: int, ncfg: DictConfig, device) -> Path:
     """nnU-Net's fingerprint, plans, 2D preprocessing and training; the model folder."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints,
         plan_experiments,
         preprocess,
     )
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+    from nnunetv2.run.run_training import get_trainer_from_args
 
     extract_fingerprints([dataset_id], num_processes=ncfg.processes, check_dataset_integrity=True)
     plans_name = plan_experiments([dataset_id])
-    preprocess(
-        [dataset_id],
-        plans_name,
-        configurations=[ncfg.configuration],
-        num_processes=[ncfg.processes],
-    )
-    folder = Path(nnUNet_preprocessed) / convert_id_to_dataset_name(dataset_id)
+    configurations, processes = [ncfg.configuration], [ncfg.processes]
+    preprocess([dataset_id], plans_name, configurations=configurations, num_processes=processes)
     os.environ["nnUNet_n_proc_DA"] = str(ncfg.workers)  # noqa: SIM112
-    trainer = nnUNetTrainer(
-        load_json(str(folder / f"{plans_name}.json")),
-        ncfg.configuration,
-        0,
-        load_json(str(folder / "dataset.json")),
-        device=device,
+    trainer = get_trainer_from_args(
+        str(dataset_id), ncfg.configuration, 0, TRAINER, plans_name, device=device
     )
     trainer.num_epochs = ncfg.epochs
     trainer.num_iterations_per_epoch = ncfg.iterations_per_epoch
