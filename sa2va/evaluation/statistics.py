@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-MIN_UNITS = 4  # fewest units (videos, seeds) a CI is computed from
+MIN_UNITS = 4  # fewest videos a bootstrap CI is computed from (seeds: t-interval from 2)
 
 
 @dataclass(frozen=True)
