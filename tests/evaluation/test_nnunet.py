@@ -60,7 +60,7 @@ def test_export_checks_its_input(datamodule, tmp_path: Path):
         dataset_name(1000, "x")
 
 
-@pytest.mark.slow  # minutes: nnU-Net checks, plans, preprocesses (spawned workers), trains
+@pytest.mark.slow  # 400 s on 2 busy cores: nnU-Net's stages spawn worker processes
 def test_nnunet_row_trains_predicts_and_compares(tmp_path: Path):
     pytest.importorskip("nnunetv2")
     run = tmp_path / "run"
