@@ -92,6 +92,7 @@ def delta_figure(comparison: Comparison):
         ax.plot(d.estimate, row, "o", color="#D55E00")
     ax.axvline(0.0, color="0.5", linewidth=0.8, linestyle="--")
     ax.set_yticks(range(len(groups)), [comparison.label(g) for g in groups], fontsize=7)
+    ax.invert_yaxis()  # rows in table order, top down
     ax.set_xlabel(f"Δ {PAIRED} vs {comparison.label(comparison.reference)} (per image)")
     ax.set_title("mean paired difference, 95% cluster-bootstrap CI over videos", fontsize=9)
     return fig
