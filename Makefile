@@ -6,8 +6,10 @@ STAMP := $(VENV)/.installed
 # CPU machines get the CPU torch build and never torchvision (it breaks imports there).
 TORCH_SPEC ?= torch==2.13.0
 SAM2_SPEC ?= sam2==1.1.0
+NNUNET_SPEC ?= nnunetv2==2.8.1 dynamic-network-architectures==0.4.4
+NNUNET_STAMP := $(VENV)/.installed-nnunet
 
-.PHONY: install train test test-all lint sweep-loss sweep-freeze report wandb-sync bench
+.PHONY: install install-nnunet train test test-all lint sweep-loss sweep-freeze report wandb-sync bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,13 +24,22 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The nnU-Net v2 row (sa2va.nnunet, ~560 MB more): not part of `install`, `test-all` needs it.
+# Its two packages go in without dependencies (see the nnunet extra in pyproject.toml).
+$(NNUNET_STAMP): $(STAMP)
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q -e '.[dev,nnunet-deps]'
+	$(PY) -m pip install -q --no-deps $(NNUNET_SPEC)
+	touch $(NNUNET_STAMP)
+
+install-nnunet: $(NNUNET_STAMP)
+
 train: $(STAMP)
 	$(PY) -m sa2va.train $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(NNUNET_STAMP)
 	$(PY) -m pytest -q -m "" $(ARGS)
 
 lint: $(STAMP)

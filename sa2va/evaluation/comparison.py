@@ -1,10 +1,16 @@
 """Comparison of finished runs (local run folders or W&B): groups by swept overrides,
-statistics, tables and figures."""
+statistics, tables and figures.
+
+Training jobs compare by their final validation metrics. Evaluation jobs (``sa2va.eval``,
+``sa2va.nnunet``: a ``metrics.json`` with ``results``) compare by their test metrics, and
+each arm is also tested against a reference arm on the same test images (paired Δ Dice,
+cluster bootstrap CI over videos, Wilcoxon p, Holm across the table: :mod:`.statistics`).
+An evaluation job takes its arm (overrides, seed) from the training run of its checkpoint.
+"""
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import math
@@ -16,25 +22,27 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from sa2va.evaluation.statistics import (
+    MIN_UNITS,
+    Interval,
+    PairedTest,
+    holm,
+    paired_test,
+    seed_interval,
+)
 from sa2va.overrides import parse_overrides
-from sa2va.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 METRICS = ("val/dice", "val/iou", "val/precision", "val/recall")
+# Per-image means an evaluation job reports (seed 000 §3.1 plus clDice and HD95), as
+# "<split>/<key>"; PAIRED is the per-image score the arms are tested on.
+EVAL_KEYS = ("iou", "dice", "precision", "recall", "cldice", "hd95")
+PAIRED = "dice"
+ImageKey = tuple[str, int, str]  # (video_id, frame_index, object)
 BEST = "val/dice (best)"  # ModelCheckpoint's best score (max val/dice over validations)
 CURVES = ("val/dice", "train/loss")
 STATUSES = ("completed", "failed", "missing")
-# W&B run states -> job status; a run without our own "status" summary falls back to these.
-WANDB_STATES = {
-    "finished": "completed",
-    "failed": "failed",
-    "crashed": "failed",
-    "killed": "failed",
-}
-
-
-# ------------------------------------------------------------------------------ overrides
 
 
 # ----------------------------------------------------------------------------------- jobs
@@ -54,6 +62,7 @@ class Job:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     error: str | None = None
     order: tuple = ()
+    images: dict[ImageKey, float] = field(default_factory=dict)  # per-image PAIRED score
 
     def setting(self, key: str) -> str:
         """The job's value for an override key, also when the job left it at its default."""
@@ -89,11 +98,47 @@ def _load_yaml(path: Path) -> Any:
         raise ValueError(f"{path}: unreadable ({error})") from error
 
 
+def read_images(run_dir: Path) -> dict[ImageKey, float]:
+    """An evaluation run's ``per_image.csv`` -> {(video, frame, object): PAIRED score}."""
+    path = run_dir / "per_image.csv"
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (metrics.json holds results, so the run wrote one)")
+    with path.open(newline="") as f:
+        try:
+            return {
+                (r["video_id"], int(r["frame_index"]), r["object"]): float(r[PAIRED])
+                for r in csv.DictReader(f)
+            }
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path}: not a sa2va.eval per-image table ({error!r})") from error
+
+
+def eval_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """``<split>/<key>``: the per-image means at the default threshold of an evaluation."""
+    per_image = summary["results"]["default"]["per_image"]
+    split = summary.get("split", "test")
+    return {f"{split}/{k}": float(per_image[k]["mean"]) for k in EVAL_KEYS if k in per_image}
+
+
+def training_run(checkpoint: str | None) -> Path | None:
+    """The run dir of a Lightning checkpoint (``<run>/checkpoints/*.ckpt``), if it is there."""
+    run = Path(checkpoint).parent.parent if checkpoint else None
+    return run if run and (run / ".hydra" / "overrides.yaml").is_file() else None
+
+
 def load_job(run_dir: Path) -> Job:
-    """One run dir: ``.hydra/{config,hydra,overrides}.yaml``, and ``metrics.json`` once it ended."""
+    """One run dir: ``.hydra/{config,hydra,overrides}.yaml``, and ``metrics.json`` once it ended.
+
+    An evaluation run whose checkpoint's training run is at hand takes that run's arm
+    (overrides, choices, config) plus its own overrides other than ``ckpt_path`` and
+    ``seed`` (the bootstrap seed), so the evaluations of one sweep group like its jobs.
+    An evaluation's ``model`` always counts as an override (an arm key).
+    """
     hydra_dir = run_dir / ".hydra"
     hydra_cfg = _load_yaml(hydra_dir / "hydra.yaml").hydra
     overrides = parse_overrides(_load_yaml(hydra_dir / "overrides.yaml"))
+    choices = dict(hydra_cfg.runtime.choices)
+    config = _load_yaml(hydra_dir / "config.yaml")
     metrics_path = run_dir / "metrics.json"
     summary: dict[str, Any] = {"status": "missing"}
     if metrics_path.is_file():
@@ -104,66 +149,46 @@ def load_job(run_dir: Path) -> Job:
     metrics = {k: float(v) for k, v in (summary.get("metrics") or {}).items() if k in METRICS}
     if summary.get("best_score") is not None:
         metrics[BEST] = float(summary["best_score"])
+    images: dict[ImageKey, float] = {}
+    if summary.get("results"):
+        metrics |= eval_metrics(summary)
+        images = read_images(run_dir)
+        trained = training_run(summary.get("checkpoint"))
+        if trained is not None:
+            arm = load_job(trained)
+            own = {k: v for k, v in overrides.items() if k not in ("ckpt_path", "seed")}
+            overrides, choices, config = arm.overrides | own, arm.choices | choices, arm.config
+        # every evaluation names its model (a config choice, or the name nnunet.yaml gives),
+        # so rows differ by model even where no sweep varied it
+        model = choices.get("model") or config.get("model")
+        if isinstance(model, str):
+            overrides.setdefault("model", model)
     csv_files = sorted(p for p in run_dir.rglob("metrics.csv") if "wandb" not in p.parts)
     return Job(
         source=str(run_dir),
         status=summary["status"] if summary["status"] in STATUSES else "missing",
         overrides=overrides,
-        choices=dict(hydra_cfg.runtime.choices),
-        config=_load_yaml(hydra_dir / "config.yaml"),
+        choices=choices,
+        config=config,
         metrics=metrics,
         ablation=summary.get("ablation") or {},
         curves=read_curves(csv_files[0] if csv_files else None),
         error=summary.get("error"),
         order=(str(run_dir.parent), int(hydra_cfg.job.get("num") or 0), str(run_dir)),
+        images=images,
     )
 
 
-def load_jobs(root: str | Path, task: str = "train") -> list[Job]:
-    """Every ``task`` run dir at or below ``root`` (a run, a sweep, or a whole outputs/)."""
+def load_jobs(root: str | Path, task: str | Sequence[str] = "train") -> list[Job]:
+    """Every run dir of ``task`` (one task_name or several) at or below ``root`` (a run, a
+    sweep, or a whole outputs/)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory")
-    jobs = [load_job(path.parent.parent) for path in root.rglob(".hydra/config.yaml")]
-    return sorted((j for j in jobs if j.config.get("task_name") == task), key=lambda j: j.order)
-
-
-def load_wandb_jobs(project: str, group: str | None = None) -> list[Job]:
-    """The runs of a W&B project (``entity/project``), optionally one group (one sweep).
-
-    Needs the network and a W&B login; the tests have neither, so this path is untested.
-    """
-    import wandb
-
-    runs = wandb.Api().runs(project, filters={"group": group} if group else None)
-    jobs = []
-    for index, run in enumerate(runs):
-        config = dict(run.config)
-        meta = config.get("hydra") or {}
-        summary = dict(run.summary)
-        curves: dict[str, list[tuple[int, float]]] = {}
-        for metric in CURVES:
-            rows = run.scan_history(keys=["trainer/global_step", metric])
-            curves[metric] = [(int(r["trainer/global_step"]), float(r[metric])) for r in rows]
-        metrics = {k: float(summary[k]) for k in METRICS if isinstance(summary.get(k), int | float)}
-        if curves.get("val/dice"):
-            metrics[BEST] = max(v for _, v in curves["val/dice"])
-        status = summary.get("status") or WANDB_STATES.get(run.state, "missing")
-        jobs.append(
-            Job(
-                source="/".join(run.path),
-                status=status,
-                overrides=parse_overrides(meta.get("overrides") or []),
-                choices=dict(meta.get("choices") or {}),
-                config=OmegaConf.create(config.get("cfg") or {}),
-                metrics=metrics,
-                ablation={k: v for k, v in config.items() if "." in k or k == "seed"},
-                curves={m: p for m, p in curves.items() if p},
-                error=summary.get("error"),
-                order=(run.group or "", index),
-            )
-        )
-    return jobs
+    tasks = {task} if isinstance(task, str) else set(task)
+    runs = [p.parent.parent for p in root.rglob(".hydra/config.yaml")]
+    runs = [r for r in runs if _load_yaml(r / ".hydra" / "config.yaml").get("task_name") in tasks]
+    return sorted((load_job(r) for r in runs), key=lambda j: j.order)
 
 
 # ------------------------------------------------------------------------------- grouping
@@ -191,6 +216,23 @@ class Group:
         std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
         return float(np.mean(values)), std, len(values)
 
+    def seed_interval(self, metric: str) -> Interval:
+        """Student-t interval of the mean over the group's completed jobs (its seeds)."""
+        values = [j.metrics.get(metric, math.nan) for j in self.jobs if j.status == "completed"]
+        return seed_interval(values)[2]
+
+    def images(self) -> dict[ImageKey, float]:
+        """Per-image PAIRED score averaged over the completed jobs (seeds) of the group."""
+        jobs = [j for j in self.jobs if j.status == "completed" and j.images]
+        if not jobs:
+            return {}
+        for job in jobs[1:]:
+            if job.images.keys() != jobs[0].images.keys():
+                raise ValueError(
+                    f"{job.source} and {jobs[0].source}: different test images in one arm"
+                )
+        return {k: float(np.mean([j.images[k] for j in jobs])) for k in jobs[0].images}
+
     def detail(self, key: str) -> str:
         """An ablation key's value shared by the group's jobs that record it ("mixed" when they
         differ, "-" when none does, e.g. no LoRA, or no metrics.json yet)."""
@@ -206,6 +248,10 @@ class Comparison:
     details: list[str]  # flat ablation keys that differ between groups (e.g. loss weights)
     groups: list[Group]
     metrics: tuple[str, ...] = (*METRICS, BEST)
+    reference: Group | None = None  # the arm every other one is tested against
+    tests: dict[tuple[str, ...], PairedTest] = field(default_factory=dict)  # by group values
+    holm: dict[tuple[str, ...], float] = field(default_factory=dict)  # adjusted p by values
+    min_units: int = MIN_UNITS  # fewest videos a Δ CI is given for
 
     @property
     def jobs(self) -> list[Job]:
@@ -223,9 +269,65 @@ class Comparison:
             row |= {status: group.count(status) for status in STATUSES}
             for metric in self.metrics:
                 mean, std, n = group.stats(metric)
+                t = group.seed_interval(metric)
                 row |= {f"{metric} mean": mean, f"{metric} std": std, f"{metric} n": n}
+                row |= {f"{metric} t_low": t.low, f"{metric} t_high": t.high}
+            test = self.tests.get(group.values)
+            if test is not None:
+                row |= {
+                    f"delta {PAIRED}": test.delta.estimate,
+                    f"delta {PAIRED} ci_low": test.delta.low,
+                    f"delta {PAIRED} ci_high": test.delta.high,
+                    "delta videos": test.delta.units,
+                    "pairs": test.pairs,
+                    "p wilcoxon": test.p,
+                    "p holm": self.holm[group.values],
+                }
             rows.append(row)
         return rows
+
+    def delta_header(self) -> str:
+        ref = self.label(self.reference) if self.reference else ""
+        return f"vs {ref}: Δ {PAIRED.capitalize()} [95% CI], p"
+
+    def delta_cell(self, group: Group) -> str:
+        """``Δ [low, high], p`` (Holm-adjusted p); n videos instead of a CI below MIN_UNITS."""
+        if group is self.reference:
+            return "reference"
+        test = self.tests.get(group.values)
+        if test is None or not test.pairs:
+            return "-"
+        d = test.delta
+        ci = f"[{d.low:+.4f}, {d.high:+.4f}]" if d.has_ci else f"(n={d.units} videos, no CI)"
+        return f"{d.estimate:+.4f} {ci}, p={self.holm[group.values]:.3g}"
+
+    def delta_notes(self) -> list[str]:
+        pairs = max((t.pairs for t in self.tests.values()), default=0)
+        return [
+            "",
+            f"Δ: mean over the {pairs} shared test images of (arm - reference) per-image "
+            f"{PAIRED}, each image's score averaged over the arm's seeds. CI: cluster bootstrap "
+            f"over videos (whole videos resampled, as frames of one video are correlated), left "
+            f"out below {self.min_units} videos. p: two-sided Wilcoxon signed-rank over the "
+            f"images, Holm-adjusted across the {len(self.tests)} rows; it treats frames as "
+            "independent, so read it with the CI.",
+        ]
+
+    def seed_lines(self) -> list[str]:
+        """95% Student-t intervals over seeds, for groups with at least two completed jobs."""
+        groups = [g for g in self.groups if g.count("completed") > 1]
+        if not groups:
+            return []
+        lines = ["", "## 95% t-intervals of the mean over seeds", ""]
+        lines += ["| group | " + " | ".join(self.metrics) + " |"]
+        lines += ["|" + "---|" * (len(self.metrics) + 1)]
+        for group in groups:
+            cells = []
+            for metric in self.metrics:
+                t = group.seed_interval(metric)
+                cells.append(f"[{t.low:.4f}, {t.high:.4f}] (n={t.units})" if t.units > 1 else "-")
+            lines.append(f"| {self.label(group)} | " + " | ".join(cells) + " |")
+        return lines
 
     def job_rows(self) -> list[dict[str, Any]]:
         """One row per job: its settings, status, metrics and error."""
@@ -246,21 +348,29 @@ class Comparison:
             f"Source: `{self.source}`: {len(self.jobs)} jobs ("
             + ", ".join(f"{n} {s}" for s, n in counts.items())
             + f") in {len(self.groups)} groups. Cells: mean ± sample std over a group's"
-            " completed jobs (its seeds): final validation metrics, and each run's best"
-            " validation Dice.",
+            " completed jobs (its seeds): "
+            + (
+                "per-image means of each evaluation at its default threshold (eval.threshold)."
+                if self.tests or any(j.images for j in self.jobs)
+                else "final validation metrics, and each run's best validation Dice."
+            ),
             "",
         ]
         if self.fixed:
             fixed = ", ".join(f"`{k}={v}`" for k, v in sorted(self.fixed.items()))
             lines += [f"Same in every job: {fixed}", ""]
         header = [*self.axes, *self.details, *STATUSES, *self.metrics]
+        header += [self.delta_header()] if self.reference else []
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for group in self.groups:
             cells = [*group.values, *(group.detail(k) for k in self.details)]
             cells += [str(group.count(s)) for s in STATUSES]
             done = group.count("completed")
             cells += [format_stat(*group.stats(m), expected=done) for m in self.metrics]
+            cells += [self.delta_cell(group)] if self.reference else []
             lines.append("| " + " | ".join(cells) + " |")
+        lines += self.delta_notes() if self.reference else []
+        lines += self.seed_lines()
         failed = [j for j in self.jobs if j.status == "failed"]
         if failed:
             lines += ["", "## Failed jobs", ""]
@@ -280,8 +390,19 @@ def format_stat(mean: float, std: float, n: int, expected: int) -> str:
     return text if n == expected else f"{text} (n={n})"
 
 
-def compare_jobs(jobs: Sequence[Job], source: str = "") -> Comparison:
-    """Group jobs by the override keys whose values differ between them (seed excluded)."""
+def compare_jobs(
+    jobs: Sequence[Job],
+    source: str = "",
+    reference: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    min_units: int = MIN_UNITS,
+) -> Comparison:
+    """Group jobs by the override keys whose values differ between them (seed excluded).
+
+    Evaluation jobs are also tested against ``reference`` (a group label such as
+    ``model=sa2va_tiny``; by default the arm whose model starts with ``sa2va``).
+    """
     if not jobs:
         raise ValueError(f"{source or 'input'}: no training jobs found")
     jobs = sorted(jobs, key=lambda j: j.order)
@@ -301,86 +422,65 @@ def compare_jobs(jobs: Sequence[Job], source: str = "") -> Comparison:
         column = tuple(g.detail(key) for g in comparison.groups)
         if key not in axes and len(set(column)) > 1 and column not in columns:
             comparison.details.append(key)
+    evaluated = [k for k in metric_order(jobs) if k not in comparison.metrics]
+    if evaluated:
+        comparison.metrics = tuple(evaluated)
+        add_paired_tests(comparison, reference, n_boot, seed, min_units)
     return comparison
 
 
-# -------------------------------------------------------------------------------- outputs
+def metric_order(jobs: Sequence[Job]) -> list[str]:
+    """The ``<split>/<key>`` evaluation metrics the jobs hold, in EVAL_KEYS order."""
+    present = {m for j in jobs for m in j.metrics}
+    splits = dict.fromkeys(m.split("/")[0] for m in sorted(present))
+    return [f"{s}/{k}" for s in splits for k in EVAL_KEYS if f"{s}/{k}" in present]
 
 
-def csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
-
-
-def bar_figure(comparison: Comparison):
-    """One panel per metric: a bar per group, error bars = std over seeds."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    metrics = comparison.metrics
-    n = len(comparison.groups)
-    fig = Figure(figsize=(max(6.0, 0.6 * n * len(metrics)), 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    labels = [comparison.label(g) for g in comparison.groups]
-    for ax, metric in zip(axes, metrics, strict=True):
-        stats = [g.stats(metric) for g in comparison.groups]
-        means = [s[0] for s in stats]
-        errors = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
-        ax.bar(range(n), means, yerr=errors, capsize=3, color="#0072B2")
-        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_title(metric, fontsize=9)
-        ax.set_ylim(0, 1.05 if all(m <= 1 for m in means if not math.isnan(m)) else None)
-    fig.suptitle(f"mean ± std over seeds ({comparison.source})", fontsize=9)
-    return fig
-
-
-def curve_figure(comparison: Comparison):
-    """Training curves per group from the CSV logs: mean over seeds, band = ± std."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.0 * len(CURVES), 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(CURVES), squeeze=False)[0]
-    for ax, metric in zip(axes, CURVES, strict=True):
+def find_reference(comparison: Comparison, reference: str | None) -> Group | None:
+    """The group labelled ``reference``, or by default the one whose model is a Sa2VA."""
+    if reference is not None:
         for group in comparison.groups:
-            by_step: dict[int, list[float]] = {}
-            for job in group.jobs:
-                for step, value in job.curves.get(metric, []):
-                    by_step.setdefault(step, []).append(value)
-            if not by_step:
-                continue
-            steps = sorted(by_step)
-            mean = np.array([np.mean(by_step[s]) for s in steps])
-            std = np.array([np.std(by_step[s]) for s in steps])
-            (line,) = ax.plot(steps, mean, label=comparison.label(group), linewidth=1.2)
-            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("step")
-        ax.set_title(metric, fontsize=9)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
-    return fig
+            if comparison.label(group) == reference:
+                return group
+        labels = ", ".join(repr(comparison.label(g)) for g in comparison.groups)
+        raise ValueError(f"reference {reference!r} is none of the arms ({labels})")
+    if "model" not in comparison.axes:
+        return None
+    column = comparison.axes.index("model")
+    sa2va = [g for g in comparison.groups if g.values[column].startswith("sa2va")]
+    return sa2va[0] if sa2va else None
 
 
-def write_report(comparison: Comparison, out_dir: str | Path) -> list[Path]:
-    """comparison.md / .csv (per group), runs.csv (per job) and two PNG figures, atomically."""
-    from sa2va.figures import save_figure
-
-    out = Path(out_dir)
-    outputs = {
-        out / "comparison.md": comparison.markdown().encode(),
-        out / "comparison.csv": csv_bytes(comparison.rows()),
-        out / "runs.csv": csv_bytes(comparison.job_rows()),
-    }
-    for path, data in outputs.items():
-        atomic_write_bytes(path, data)
-    figures = [
-        save_figure(bar_figure(comparison), out / "comparison_bars.png"),
-        save_figure(curve_figure(comparison), out / "training_curves.png"),
-    ]
-    return [*outputs, *figures]
+def add_paired_tests(
+    comparison: Comparison, reference: str | None, n_boot: int, seed: int, min_units: int
+) -> None:
+    """Test every arm against the reference on the same test images; Holm across the rows."""
+    ref_group = find_reference(comparison, reference)
+    if ref_group is None:
+        return
+    ref = ref_group.images()
+    if not ref:
+        return
+    comparison.reference, comparison.min_units = ref_group, min_units
+    for group in comparison.groups:
+        scores = group.images()
+        if group is ref_group or not scores:
+            continue
+        if scores.keys() != ref.keys():
+            source = next(j.source for j in group.jobs if j.images)
+            raise ValueError(
+                f"{source}: evaluated on other images than the reference "
+                f"{comparison.label(ref_group)!r} ({len(scores.keys() - ref.keys())} only here, "
+                f"{len(ref.keys() - scores.keys())} only there): evaluate every arm on one split"
+            )
+        keys = sorted(ref)
+        comparison.tests[group.values] = paired_test(
+            [scores[k] for k in keys],
+            [ref[k] for k in keys],
+            [k[0] for k in keys],
+            n_boot=n_boot,
+            seed=seed,
+            min_units=min_units,
+        )
+    adjusted = holm([t.p for t in comparison.tests.values()])
+    comparison.holm = dict(zip(comparison.tests, adjusted, strict=True))

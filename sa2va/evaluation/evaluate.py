@@ -27,6 +27,7 @@ from sa2va.evaluation.metrics import (
     temporal_consistency,
     tune_threshold,
 )
+from sa2va.evaluation.statistics import MIN_UNITS, video_cis
 from sa2va.figures import Case, case_figure, contact_sheet, save_figure
 from sa2va.inference.predict import (
     load_model,
@@ -233,6 +234,7 @@ def summarise(
     temporal = aggregate(video_rows, metrics=TEMPORAL_KEYS, n_boot=n_boot, seed=seed)
     summary["temporal"] = temporal["per_image"]
     summary["success_rate"] = float(np.mean([r["tp"] + r["fp"] > 0 for r in image_rows]))
+    video_cis(summary, image_rows, n_boot, seed)
     return summary
 
 
@@ -247,10 +249,13 @@ def csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def _stat(s: Mapping[str, float]) -> str:
+def _stat(s: Mapping[str, float], videos: int) -> str:
     if not s["n"]:
         return "n/a"
-    return f"{s['mean']:.4f} ± {s['std']:.4f} [{s['ci_low']:.4f}, {s['ci_high']:.4f}]"
+    text = f"{s['mean']:.4f} ± {s['std']:.4f}"
+    if s["ci_low"] is None:
+        return f"{text} (no CI: {videos} videos)"
+    return f"{text} [{s['ci_low']:.4f}, {s['ci_high']:.4f}]"
 
 
 def results_markdown(summary: Mapping[str, Any]) -> str:
@@ -279,13 +284,13 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
             "| pooled pixels |",
             "|---|---|---|---|",
         ]
+        videos = result["n_videos"]
         for key, stats in result["per_image"].items():
             pooled = result.get("pooled", {}).get(key)
             pooled_text = f"{pooled:.4f}" if pooled is not None else ""
             label = f"{METRIC_LABELS[key]} (n={stats['n']})"
-            lines.append(
-                f"| {label} | {_stat(stats)} | {_stat(result['per_video'][key])} | {pooled_text} |"
-            )
+            per_video = _stat(result["per_video"][key], videos)
+            lines.append(f"| {label} | {_stat(stats, videos)} | {per_video} | {pooled_text} |")
         lines += [
             "",
             f"Temporal consistency per video ({result['success_rate']:.1%} of frames have a mask):",
@@ -293,12 +298,17 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
             f"| metric | mean ± std [{ci}% CI] over videos |",
             "|---|---|",
         ]
-        lines += [f"| {METRIC_LABELS[k]} | {_stat(s)} |" for k, s in result["temporal"].items()]
+        temporal = result["temporal"].items()
+        lines += [f"| {METRIC_LABELS[k]} | {_stat(s, videos)} |" for k, s in temporal]
     lines += [
         "",
         "Per image is the primary aggregation; per video averages each video first; pooled "
         "pixels sums TP/FP/FN over all images (weights frames by vessel area). Empty-mask "
-        "policy and metric definitions: `sa2va/metrics.py`.",
+        "policy and metric definitions: `sa2va/evaluation/metrics.py`.",
+        "",
+        "CIs are percentile bootstraps over videos, the units that are independent: the "
+        "per-image mean's CI resamples whole videos with all their frames. Below "
+        f"{MIN_UNITS} videos no CI is given (docs/evaluation.md).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
-APPS = ["train", "eval", "predict", "export", "plan", "compare", "bench"]
+APPS = ["train", "eval", "predict", "export", "plan", "compare", "bench", "nnunet"]
 
 
 def scripts() -> dict[str, str]:

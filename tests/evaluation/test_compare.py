@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from scipy import stats
 
 from sa2va.compare import main
 from sa2va.evaluation.comparison import BEST, compare_jobs, load_jobs
@@ -169,3 +170,121 @@ def test_override_helpers_use_hydra_grammar():
     assert override_label(lines, exclude=["seed"], only=["seed", "experiment/freeze_arm"]) == (
         "experiment/freeze_arm=sam2_full"
     )
+
+
+# ------------------------------------------------------------------ evaluation runs
+
+VIDEOS, FRAMES = 5, 3
+
+
+def make_eval(root: Path, train_run: Path, dice: np.ndarray, frames: int = FRAMES) -> Path:
+    """An eval run dir as `sa2va.eval` leaves it for a checkpoint of ``train_run``."""
+    ckpt = train_run / "checkpoints" / "last.ckpt"
+    run = make_job(root / train_run.name, 0, ["seed=7"], status=None, task="eval")
+    # a sweep's run dir holds "=" and ",": quoted on the command line, as Hydra needs
+    overrides = [f"ckpt_path='{ckpt}'", "seed=7"]
+    OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
+    keys = ("iou", "dice", "precision", "recall", "cldice", "hd95")
+    rows = [
+        {"video_id": f"v{i // frames}", "frame_index": i % frames, "image": "x.png"}
+        | {"object": "blood vessel"}
+        | {k: float(d) if k != "hd95" else 10 * float(d) for k in keys}
+        for i, d in enumerate(dice)
+    ]
+    with (run / "per_image.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    per_image = {k: {"mean": float(np.mean([r[k] for r in rows]))} for k in keys}
+    summary = {"status": "completed", "checkpoint": str(ckpt), "split": "test"}
+    summary["results"] = {"default": {"threshold": 0.5, "per_image": per_image}}
+    (run / "metrics.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture
+def evaluated(tmp_path: Path) -> tuple[Path, dict[str, list[np.ndarray]]]:
+    """model x seed (sa2va_tiny x 2, unet x 2, attention_unet x 1), each evaluated on 5 x 3."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.9, VIDEOS * FRAMES)
+    shift = {"sa2va_tiny": 0.0, "unet": -0.08, "attention_unet": -0.01}
+    scores: dict[str, list[np.ndarray]] = {}
+    num = 0
+    for model, seeds in (("sa2va_tiny", 2), ("unet", 2), ("attention_unet", 1)):
+        for seed in range(seeds):
+            overrides = [f"model={model}", f"seed={seed}"]
+            run = make_job(tmp_path / "sweep", num, overrides, choices={"model": model})
+            dice = np.clip(base + shift[model] + rng.normal(0, 0.03, base.size), 0, 1)
+            make_eval(tmp_path / "evals", run, dice)
+            scores.setdefault(model, []).append(dice)
+            num += 1
+    return tmp_path, scores
+
+
+def test_eval_runs_take_their_arm_from_the_training_run(evaluated):
+    root, _ = evaluated
+    jobs = load_jobs(root / "evals", "eval")
+    assert len(jobs) == 5 and all(j.overrides["seed"] in ("0", "1") for j in jobs)
+    comparison = compare_jobs(jobs)
+    assert comparison.axes == ["model"]
+    assert comparison.metrics[:2] == ("test/iou", "test/dice") and len(comparison.metrics) == 6
+    assert {g.values[0]: len(g.jobs) for g in comparison.groups} == {
+        "sa2va_tiny": 2,
+        "unet": 2,
+        "attention_unet": 1,
+    }
+
+
+def test_paired_tests_against_the_sa2va_arm_match_scipy(evaluated):
+    root, scores = evaluated
+    comparison = compare_jobs(load_jobs(root / "evals", "eval"), n_boot=500)
+    assert comparison.label(comparison.reference) == "model=sa2va_tiny"
+    ref = np.mean(scores["sa2va_tiny"], axis=0)  # each image averaged over the seeds
+    p_values = {}
+    for model in ("unet", "attention_unet"):
+        diff = np.mean(scores[model], axis=0) - ref
+        test = comparison.tests[(model,)]
+        assert test.pairs == VIDEOS * FRAMES and test.delta.units == VIDEOS
+        assert test.delta.estimate == pytest.approx(diff.mean())
+        assert test.p == pytest.approx(stats.wilcoxon(diff).pvalue)
+        p_values[model] = test.p
+    low, high = sorted(p_values.values())
+    assert sorted(comparison.holm.values()) == pytest.approx([2 * low, max(2 * low, high)])
+    unet = comparison.tests[("unet",)]
+    assert unet.delta.high < 0  # 0.08 worse on every image, beyond the noise
+    text = comparison.markdown()
+    assert "vs model=sa2va_tiny: Δ Dice [95% CI], p |" in text
+    cell = f"{unet.delta.estimate:+.4f} [{unet.delta.low:+.4f}, {unet.delta.high:+.4f}], p="
+    assert cell in text and "| reference |" in text
+    assert "## 95% t-intervals of the mean over seeds" in text
+
+
+def test_no_ci_below_the_minimum_videos_and_a_chosen_reference(evaluated):
+    root, _ = evaluated
+    jobs = load_jobs(root / "evals", "eval")
+    comparison = compare_jobs(jobs, reference="model=unet", min_units=VIDEOS + 1)
+    assert comparison.label(comparison.reference) == "model=unet"
+    assert f"(n={VIDEOS} videos, no CI), p=" in comparison.markdown()
+    with pytest.raises(ValueError, match="reference 'model=nnunet' is none of the arms"):
+        compare_jobs(jobs, reference="model=nnunet")
+
+
+def test_arms_on_other_images_are_refused(evaluated):
+    root, _ = evaluated
+    run = make_job(root / "sweep", 9, ["model=transunet", "seed=0"], choices={"model": "transunet"})
+    make_eval(root / "evals", run, np.full(VIDEOS * FRAMES, 0.5), frames=FRAMES + 1)
+    with pytest.raises(ValueError, match="evaluated on other images than the reference"):
+        compare_jobs(load_jobs(root / "evals", "eval"))
+
+
+def test_cli_compares_eval_runs(evaluated, capsys):
+    root, _ = evaluated
+    out = root / "report"
+    assert main([str(root / "evals"), "--task", "eval", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"comparison.csv", "paired_differences.png"}
+    with (out / "comparison.csv").open() as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert rows["sa2va_tiny"]["delta dice"] == ""
+    assert float(rows["unet"]["p holm"]) >= float(rows["unet"]["p wilcoxon"])
+    assert float(rows["unet"]["delta dice ci_high"]) < 0
+    assert "test/dice" in capsys.readouterr().out
