@@ -34,16 +34,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sa2va.model.processor import key_frame_indices
 from sa2va.utils import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from sa2va.model.sa2va import Sa2VA
 
 SAM2_ENCODER = "sam2_image_encoder"
 VISION_TOWER = "vision_tower"
@@ -281,9 +278,9 @@ def _vision_forward(tower: nn.Module, cache: FeatureCache, keys: list[str]) -> C
 
 
 @contextmanager
-def cached_encoders(model: Sa2VA, batch: Mapping[str, Any]) -> Iterator[None]:
-    """Within the block, ``model``'s cacheable encoders read ``batch``'s frames from
-    ``model.feature_cache``; a no-op without a cache or without ``batch["frame_keys"]``.
+def cached_encoders(model: nn.Module, batch: Mapping[str, Any]) -> Iterator[None]:
+    """Within the block, the cacheable encoders of ``model`` (a ``Sa2VA``) read ``batch``'s
+    frames from ``model.feature_cache``; a no-op without a cache or ``batch["frame_keys"]``.
 
     Row order is the model's: SAM2 encodes every frame of every sample in order (``decode``),
     the vision tower each sample's key frames (``Sa2VAProcessor``).
