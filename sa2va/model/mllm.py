@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import (
     GotOcr2ImageProcessorPil,
     InternVLConfig,
@@ -244,6 +245,22 @@ def build_mllm(
     return MLLMParts(
         model, tokenizer, image_processor, image_seq_length(model.config), chat_template(name)
     )
+
+
+def image_embeddings(model: InternVLForConditionalGeneration, tower_output: Tensor) -> Tensor:
+    """(tiles, tokens, D) image embeddings for the LLM from the vision tower's last hidden
+    state: ``InternVLModel.get_image_features`` after its tower call (CLS token dropped as
+    configured, pixel shuffle, projector), restated so that a tower output computed elsewhere
+    (a frozen tower's cached one, :mod:`sa2va.model.feature_cache`) can enter."""
+    inner, config = model.model, model.config
+    features = tower_output
+    if config.vision_feature_select_strategy == "default":
+        features = features[:, 1:, :]
+    tiles, side = features.shape[0], int(features.shape[1] ** 0.5)
+    features = inner.pixel_shuffle(
+        features.reshape(tiles, side, side, -1), scale_factor=config.downsample_ratio
+    )
+    return inner.multi_modal_projector(features.reshape(tiles, -1, features.shape[-1]))
 
 
 def imagenet_image_processor(size: int) -> GotOcr2ImageProcessorPil:

@@ -8,9 +8,10 @@ Two folder kinds hold the original InternVL chat layout (`vision_model.*`, `mlp1
   and SAM 2 (`grounding_encoder.sam2_model.*`).
 
 Their config is converted to an `InternVLConfig` (InternViT `intern_vit_6b` vision; Qwen2,
-InternLM2 (as Llama) or Phi-3 text; `sa2va.model.mllm` assembles the model); the tokenizer is read with `trust_remote_code=False`, and
-the weights go through the explicit key map `sa2va.model.checkpoints.official_to_sa2va` and
-a strict load. Sa2VA variants built on Qwen2.5-VL / Qwen3-VL (no InternViT) are refused.
+InternLM2 (as Llama) or Phi-3 text; `sa2va.model.mllm` assembles the model); the tokenizer is
+read with `trust_remote_code=False`, and the weights go through the explicit key map
+`sa2va.model.checkpoints.official_to_sa2va` and a strict load. Sa2VA variants built on
+Qwen2.5-VL / Qwen3-VL (no InternViT) are refused.
 """
 
 from __future__ import annotations
