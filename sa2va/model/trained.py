@@ -146,12 +146,10 @@ def _read_deepspeed_checkpoint(path: Path) -> dict[str, Any]:
 def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint file (CRC-checked, ``weights_only=True``) or a DeepSpeed ZeRO
     checkpoint folder, as a dict with ``state_dict`` and this project's ``sa2va`` metadata."""
-    from sa2va.training.checkpointing import AtomicCheckpointIO
-
     path = Path(path).expanduser()
     if path.is_dir():
         return _read_deepspeed_checkpoint(path)
-    return AtomicCheckpointIO().load_checkpoint(path, map_location="cpu")
+    return load_checkpoint(path, map_location="cpu")
 
 
 def build_untrained(info: Mapping[str, Any], mllm_path: str | None = None) -> nn.Module:
