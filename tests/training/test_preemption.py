@@ -56,7 +56,7 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_a_restart_resumes_exactly(
         return train(cfg)
 
     with pytest.raises(Preempted) as stop:
-        run("+callbacks.signal._target_=tests.test_preemption.SignalAt", "+callbacks.signal.step=3")
+        run("+callbacks.signal._target_=tests.training.test_preemption.SignalAt", "+callbacks.signal.step=3")
     assert stop.value.code == REQUEUE_EXIT_CODE
     assert "SIGTERM" in str(stop.value) and "after step 4" in str(stop.value)
     preempted = run_dir / "checkpoints" / "preempted.ckpt"
@@ -84,7 +84,7 @@ def test_sigusr1_to_a_training_process_then_the_same_command_ends_exactly(
         *RANDOM,
         f"hydra.run.dir={run_dir}",
         f"paths.cache_dir={cache_dir}",
-        "+callbacks.second._target_=tests.test_preemption.SignalDuringPreemptionSave",
+        "+callbacks.second._target_=tests.training.test_preemption.SignalDuringPreemptionSave",
     ]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
     last = run_dir / "checkpoints" / "last.ckpt"
