@@ -56,7 +56,10 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_a_restart_resumes_exactly(
         return train(cfg)
 
     with pytest.raises(Preempted) as stop:
-        run("+callbacks.signal._target_=tests.training.test_preemption.SignalAt", "+callbacks.signal.step=3")
+        run(
+            "+callbacks.signal._target_=tests.training.test_preemption.SignalAt",
+            "+callbacks.signal.step=3",
+        )
     assert stop.value.code == REQUEUE_EXIT_CODE
     assert "SIGTERM" in str(stop.value) and "after step 4" in str(stop.value)
     preempted = run_dir / "checkpoints" / "preempted.ckpt"
