@@ -25,7 +25,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sa2va.planning.memory import (
+from sa2va.planning.report import (
     format_plan,
     plan,
 )

@@ -1,15 +1,17 @@
-"""Small shared helpers: repo paths, atomic writes, run metadata."""
+"""Small shared helpers: repo paths, atomic writes, the run record, run metadata, name rules."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,6 +20,8 @@ from omegaconf import OmegaConf
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
 CONF_DIR = str(REPO_ROOT / "conf")
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -55,6 +59,71 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, taken_ok: bool = False) -> Iterator[Path]:
+    """A new folder to fill, renamed to ``path`` once the block completes: a folder with the
+    final name is always complete, and an error (or interrupt) leaves nothing behind.
+
+    ``taken_ok``: when another process renamed its folder to ``path`` first, keep theirs (a
+    cache entry built from the same parameters is the same); otherwise that is an error.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (taken_ok and path.is_dir()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_record(
+    path: str | Path,
+    summary: dict[str, Any],
+    write: bool = True,
+    close: Callable[[dict[str, Any]], None] | None = None,
+    stops: Mapping[type[BaseException], str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Write ``summary`` to ``path`` (a run's ``metrics.json``) however the block ends, so a
+    sweep sees every job. A block that raises is recorded as failed, with the error, or, for
+    an exception type in ``stops``, with that status and the exception's message (logged: a
+    preemption is no failure). ``write``: False on the ranks that must not write;
+    ``close(summary)`` runs last (e.g. finishing a logger's run).
+    """
+    try:
+        yield summary
+    except BaseException as error:
+        status = next((s for t, s in (stops or {}).items() if isinstance(error, t)), None)
+        if status is None:
+            summary["status"] = "failed"
+            summary["error"] = f"{type(error).__name__}: {error}"
+        else:
+            summary["status"] = status
+            summary["error"] = str(error)
+            log.warning("%s", error)
+        raise
+    finally:
+        if write:
+            atomic_write_json(path, summary)
+        if close is not None:
+            close(summary)
+
+
+def last_match(name: str, rules: Iterable[tuple[str, Any]], default: Any) -> Any:
+    """The value of the last ``(regex, value)`` rule whose pattern ``re.search``-es ``name``,
+    else ``default``: later rules refine earlier ones (freeze rules, learning-rate factors)."""
+    value = default
+    for pattern, candidate in rules:
+        if re.search(pattern, name):
+            value = candidate
+    return value
 
 
 def git_sha() -> str | None:

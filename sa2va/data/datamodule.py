@@ -104,6 +104,15 @@ def load_rgb(path: str | Path) -> Image.Image:
         return img.convert("RGB")
 
 
+def conversation(
+    prompt_template: str, answer_template: str, names: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """One prompt and one teacher-forced answer per object, ``{name}`` filled in: the text
+    that training, evaluation and the benchmarks show the model."""
+    prompts = [prompt_template.format(name=n) for n in names]
+    return prompts, [answer_template.format(name=n) for n in names]
+
+
 def frame_key(record: FrameRecord) -> str:
     """Path plus size and modification time, so a rewritten image file gets a new key."""
     stat = Path(record.image_path).stat()
@@ -160,8 +169,7 @@ class OCTClipDataset(Dataset):
         if self.flips(epoch, index):  # the same flip for the whole clip
             frames = [f.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for f in frames]
             masks = masks.flip(-1)
-        prompts = [self.prompt_template.format(name=n) for n in names]
-        answers = [self.answer_template.format(name=n) for n in names]
+        prompts, answers = conversation(self.prompt_template, self.answer_template, names)
         if self.processor is not None:
             sample = dict(self.processor(frames, prompts, answers))
         else:

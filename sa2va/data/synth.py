@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from sa2va.data.raster import rasterize_polygons
+from sa2va.utils import atomic_dir
 
 GENERATOR_VERSION = 1  # bump when the output changes, so cached data sets are regenerated
 OBJECT_NAME = "blood vessel"
@@ -153,7 +152,8 @@ def _render_video(rng: np.random.Generator, p: dict[str, Any]):
 
 
 def generate_synthetic_dataset(out: str | Path, **params: Any) -> Path:
-    """Write ``images/*.jpg`` + ``annotations.json`` into ``out`` (created; must not exist)."""
+    """Write ``images/*.jpg`` + ``annotations.json`` into ``out`` (created if absent; it must
+    hold no ``images/`` yet)."""
     p = _params(params)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=False)
@@ -207,17 +207,8 @@ def ensure_synthetic_dataset(cache_dir: str | Path, **params: Any) -> Path:
     final = cache_dir / f"synthetic_oct-{dataset_key(**params)}"
     if final.is_dir():
         return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-synthetic_oct-", dir=cache_dir))
-    try:
-        generate_synthetic_dataset(tmp / "data", **params)
-        try:
-            os.rename(tmp / "data", final)
-        except OSError:
-            if not final.is_dir():  # someone else finished first: theirs is identical
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(final, taken_ok=True) as tmp:  # another worker's copy is identical
+        generate_synthetic_dataset(tmp, **params)
     return final
 
 

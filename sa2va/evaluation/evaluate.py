@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from sa2va.data.annotations import FrameRecord
-from sa2va.data.datamodule import OCTDataModule, load_rgb
+from sa2va.data.datamodule import OCTDataModule, conversation, load_rgb
 from sa2va.evaluation.metrics import (
     METRIC_KEYS,
     aggregate,
@@ -35,10 +35,10 @@ from sa2va.inference.predict import (
     resolve_device,
     save_tuned_threshold,
 )
-from sa2va.inference.video import probabilities, seg_owners, segment_video
+from sa2va.inference.video import predict_frames
 from sa2va.model.sa2va import Sa2VA
 from sa2va.overrides import hydra_overrides
-from sa2va.utils import atomic_write_bytes, atomic_write_json, git_sha, to_plain
+from sa2va.utils import atomic_write_bytes, git_sha, run_record, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -140,28 +140,16 @@ def predict_videos(
         for video_id, records in videos.items():
             objects = list(dict.fromkeys(n for r in records for n in r.object_names))
             objects = objects or list(dm.category_names.values())
-            prompts = [dm.prompt_template.format(name=n) for n in objects]
-            answers = [dm.answer_template.format(name=n) for n in objects]
+            prompts, answers = conversation(dm.prompt_template, dm.answer_template, objects)
             frames = [load_rgb(r.image_path) for r in records]
-            pred = segment_video(
-                model,
-                frames,
-                prompts,
-                answers,
-                mode=ecfg.mode,
-                video_mode=ecfg.video_mode,
-                key_frames=ecfg.key_frames,
-                batch_size=ecfg.batch_size,
-            )
+            predicted = predict_frames(model, frames, prompts, answers, ecfg)
             probs, gts, missing = [], [], 0
-            for t, (record, frame) in enumerate(zip(records, frames, strict=True)):
+            for record, frame, pred in zip(records, frames, predicted, strict=True):
                 hw = (frame.height, frame.width)
-                masks = probabilities(pred.logits[t], hw).cpu().numpy()
-                owners = seg_owners(prompts, pred.answers[t])
                 per_object = []
                 for j in range(len(objects)):
-                    if j in owners:
-                        per_object.append(masks[owners.index(j)])
+                    if j in pred.owners:
+                        per_object.append(pred.probs[pred.owners.index(j)])
                     else:
                         per_object.append(np.zeros(hw, np.float32))
                         missing += 1
@@ -412,7 +400,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "git_sha": git_sha(),
         "output_dir": str(out_dir),
     }
-    try:
+    with run_record(out_dir / "metrics.json", summary):
         model, meta = load_model(cfg.ckpt_path, resolve_device(ecfg.device))
         dm = instantiate(cfg.data)
         dm.processor = model.processor
@@ -475,11 +463,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         summary["figures"] = [str(p) for p in figures]
         summary["status"] = "completed"
         atomic_write_bytes(out_dir / "results.md", results_markdown(summary).encode())
-    except BaseException as error:
-        summary["status"] = "failed"
-        summary["error"] = f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        atomic_write_json(out_dir / "metrics.json", summary)
     log_to_wandb(cfg, summary, figures)
     return summary

@@ -6,10 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +21,8 @@ from tqdm import tqdm
 
 from sa2va.data.datamodule import load_rgb
 from sa2va.figures import overlay_masks, png_bytes
-from sa2va.inference.video import VIDEO_MODES, probabilities, seg_owners, segment_video
-from sa2va.utils import atomic_write_bytes, atomic_write_json, to_plain
+from sa2va.inference.video import VIDEO_MODES, predict_frames
+from sa2va.utils import atomic_dir, atomic_write_bytes, atomic_write_json, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +266,6 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     log.info("threshold %.3f (from %s)", threshold, source)
     answers = to_plain(pcfg.answer)
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     summary: dict[str, Any] = {
         "checkpoint": str(cfg.ckpt_path),
         "threshold": threshold,
@@ -280,34 +275,19 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "prompts": prompts,
         "sequences": [],
     }
-    try:
+    with atomic_dir(final) as tmp:
         for item in tqdm(items, desc="predict", unit="sequence"):
             names, frames = zip(*read_frames(item), strict=True)
-            pred = segment_video(
-                model,
-                frames,
-                prompts,
-                answers,
-                mode=pcfg.mode,
-                video_mode=pcfg.video_mode,
-                key_frames=pcfg.key_frames,
-                batch_size=pcfg.batch_size,
-                max_new_tokens=pcfg.max_new_tokens,
-            )
+            predicted = predict_frames(model, frames, prompts, answers, pcfg)
             records = []
-            for t, (name, image) in enumerate(zip(names, frames, strict=True)):
-                probs = probabilities(pred.logits[t], (image.height, image.width)).cpu().numpy()
-                labels = mask_labels(seg_owners(prompts, pred.answers[t]))
+            for name, image, pred in zip(names, frames, predicted, strict=True):
+                labels = mask_labels(pred.owners)
                 files = _write_frame(
-                    tmp, name, image, probs, labels, threshold, pcfg.save_probs, pcfg.overlays
+                    tmp, name, image, pred.probs, labels, threshold, pcfg.save_probs, pcfg.overlays
                 )
-                records.append({"frame": name, "answers": pred.answers[t], "masks": files})
+                records.append({"frame": name, "answers": pred.answers, "masks": files})
             summary["sequences"].append({"name": item.name, "frames": records})
         atomic_write_json(tmp / "predictions.json", summary)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_frames = sum(len(s["frames"]) for s in summary["sequences"])
     log.info("wrote %d frames of predictions to %s", n_frames, final)
     return {**summary, "output_dir": str(final), "n_frames": n_frames}

@@ -16,10 +16,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -30,6 +31,8 @@ from sa2va.model.sam2 import upsample
 
 VideoMode = Literal["per_frame", "propagate"]
 VIDEO_MODES: tuple[VideoMode, ...] = ("per_frame", "propagate")
+# the keywords of segment_video that the eval / predict config sections set
+VIDEO_OPTIONS = ("mode", "video_mode", "key_frames", "batch_size", "max_new_tokens")
 
 
 @dataclass
@@ -192,3 +195,30 @@ def probabilities(logits: Tensor, size_hw: tuple[int, int]) -> Tensor:
     if logits.shape[0] == 0:
         return logits.new_zeros(0, *size_hw)
     return upsample(logits, size_hw).sigmoid()
+
+
+@dataclass
+class FramePrediction:
+    """One frame of :func:`predict_frames`."""
+
+    probs: np.ndarray  # (K, H, W) float32 probabilities at the frame's own size
+    answers: list[str]  # one per prompt
+    owners: list[int]  # prompt index of each of the K masks (:func:`seg_owners`)
+
+
+def predict_frames(
+    model: Sa2VA,
+    frames: Sequence[Image.Image],
+    prompts: Sequence[str],
+    answers: str | Sequence[str],
+    options: Mapping[str, Any],
+) -> Iterator[FramePrediction]:
+    """:func:`segment_video`, then each frame's probabilities at the frame's own size and the
+    prompt that owns each mask: what evaluation scores and prediction writes. ``options`` is
+    a config section (``eval``, ``predict``); its :data:`VIDEO_OPTIONS` go to
+    :func:`segment_video`."""
+    chosen = {key: options[key] for key in VIDEO_OPTIONS if key in options}
+    pred = segment_video(model, frames, prompts, answers, **chosen)
+    for logits, texts, frame in zip(pred.logits, pred.answers, frames, strict=True):
+        probs = probabilities(logits, (frame.height, frame.width)).cpu().numpy()
+        yield FramePrediction(probs, texts, seg_owners(prompts, texts))

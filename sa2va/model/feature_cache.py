@@ -4,7 +4,8 @@ With the SAM2 image encoder and/or the InternVL vision tower frozen and no rando
 an encoder's output for a frame depends only on the frame's file and view size. Training then
 recomputes the same features every epoch; :class:`FeatureCache` keeps them (in memory, least
 recently used out first within a byte budget, optionally also on disk) and
-:func:`cached_encoders` makes both encoders read from it during one ``Sa2VA.forward``.
+:func:`cached_encoders` gives ``Sa2VA.forward`` stand-ins for both encoders that read from it
+(the model calls them in the encoders' place; no module is changed).
 
 What is cached, so that training stays exact:
 
@@ -31,19 +32,16 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sa2va.model.processor import key_frame_indices
 from sa2va.utils import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from sa2va.model.sa2va import Sa2VA
 
 SAM2_ENCODER = "sam2_image_encoder"
 VISION_TOWER = "vision_tower"
@@ -233,83 +231,74 @@ def _stack(rows: list[Tensor]) -> Tensor:
     return batch.permute([0] + [1 + order.index(d) for d in range(len(order))])
 
 
-@contextmanager
-def _replaced_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
-    """Swap one module instance's ``forward`` for the block (its parameters stay where they are,
-    so checkpoints and freezing rules are unaffected)."""
-    module.forward = forward
-    try:
-        yield
-    finally:
-        del module.forward
+@dataclass(frozen=True)
+class CachedEncoders:
+    """Stand-ins for a model's frozen encoders on one batch, reading its frames from the
+    cache (None: the encoder runs itself). ``sam2`` takes the place of SAM 2's image encoder
+    (:meth:`~sa2va.model.sam2.LanguagePromptedSAM2.image_features`), ``vision`` of the
+    InternVL vision tower's last hidden state (``Sa2VA.seg_embeddings``)."""
+
+    sam2: Callable[[Tensor], dict[str, Any]] | None = None
+    vision: Callable[[Tensor], Tensor] | None = None
 
 
-def _sam2_forward(
+def _sam2_encoder(
     encoder: nn.Module, cache: FeatureCache, keys: list[str]
 ) -> Callable[[Tensor], dict[str, Any]]:
-    original = encoder.forward
-
-    def forward(sample: Tensor) -> dict[str, Any]:
+    def encode(sample: Tensor) -> dict[str, Any]:
         if sample.shape[0] != len(keys):
             raise RuntimeError(f"feature cache: {sample.shape[0]} images for {len(keys)} keys")
         fpn = cache.rows(
-            SAM2_ENCODER, keys, lambda index: original(sample[index])["backbone_fpn"], sample.device
+            SAM2_ENCODER, keys, lambda index: encoder(sample[index])["backbone_fpn"], sample.device
         )
         pos = [encoder.neck.position_encoding(x).to(x.dtype) for x in fpn]
         return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}
 
-    return forward
+    return encode
 
 
-def _vision_forward(tower: nn.Module, cache: FeatureCache, keys: list[str]) -> Callable[..., Any]:
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    original = tower.forward
-
-    def forward(pixel_values: Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
-        if pixel_values.shape[0] != len(keys) or kwargs.get("bool_masked_pos") is not None:
+def _vision_tower(tower: nn.Module, cache: FeatureCache, keys: list[str]) -> Callable[..., Any]:
+    def encode(pixel_values: Tensor) -> Tensor:
+        if pixel_values.shape[0] != len(keys):
             raise RuntimeError(f"feature cache: {pixel_values.shape[0]} tiles for {len(keys)} keys")
         (hidden,) = cache.rows(
             VISION_TOWER,
             keys,
-            lambda index: [original(pixel_values=pixel_values[index], **kwargs).last_hidden_state],
+            lambda index: [tower(pixel_values=pixel_values[index]).last_hidden_state],
             pixel_values.device,
         )
-        return BaseModelOutputWithPooling(last_hidden_state=hidden)
+        return hidden
 
-    return forward
+    return encode
 
 
-@contextmanager
-def cached_encoders(model: Sa2VA, batch: Mapping[str, Any]) -> Iterator[None]:
-    """Within the block, ``model``'s cacheable encoders read ``batch``'s frames from
-    ``model.feature_cache``; a no-op without a cache or without ``batch["frame_keys"]``.
+def cached_encoders(model: nn.Module, batch: Mapping[str, Any]) -> CachedEncoders:
+    """Cache-reading stand-ins for the cacheable encoders of ``model`` (a ``Sa2VA``) on
+    ``batch``: none without ``model.feature_cache`` or without ``batch["frame_keys"]``.
 
     Row order is the model's: SAM2 encodes every frame of every sample in order (``decode``),
     the vision tower each sample's key frames (``Sa2VAProcessor``).
     """
     cache: FeatureCache | None = getattr(model, "feature_cache", None)
     frames = batch.get("frame_keys")
-    with ExitStack() as stack:
-        if cache is not None and frames and all(f is not None for f in frames):
-            sam2_encoder = model.sam2.image_encoder
-            if cacheable(sam2_encoder):
-                cache.bind(SAM2_ENCODER, sam2_encoder)
-                size = model.sam2.image_size
-                keys = [f"{key}@{size}" for sample in frames for key in sample]
-                stack.enter_context(
-                    _replaced_forward(sam2_encoder, _sam2_forward(sam2_encoder, cache, keys))
-                )
-            tower = model.mllm.model.vision_tower
-            size = model.mllm.config.vision_config.image_size
-            keys = [
-                f"{sample[i]}@{size}"
-                for sample in frames
-                for i in key_frame_indices(len(sample), model.processor.mllm_frames)
-            ]
-            one_tile_per_frame = batch["pixel_values"].shape[0] == len(keys)
-            last_layer = model.mllm.config.vision_feature_layer == -1
-            if one_tile_per_frame and last_layer and cacheable(tower):
-                cache.bind(VISION_TOWER, tower)
-                stack.enter_context(_replaced_forward(tower, _vision_forward(tower, cache, keys)))
-        yield
+    if cache is None or not frames or any(f is None for f in frames):
+        return CachedEncoders()
+    sam2, vision = None, None
+    sam2_encoder = model.sam2.image_encoder
+    if cacheable(sam2_encoder):
+        cache.bind(SAM2_ENCODER, sam2_encoder)
+        size = model.sam2.image_size
+        sam2 = _sam2_encoder(sam2_encoder, cache, [f"{key}@{size}" for s in frames for key in s])
+    tower = model.mllm.model.vision_tower
+    size = model.mllm.config.vision_config.image_size
+    keys = [
+        f"{sample[i]}@{size}"
+        for sample in frames
+        for i in key_frame_indices(len(sample), model.processor.mllm_frames)
+    ]
+    one_tile_per_frame = batch["pixel_values"].shape[0] == len(keys)
+    last_layer = model.mllm.config.vision_feature_layer == -1
+    if one_tile_per_frame and last_layer and cacheable(tower):
+        cache.bind(VISION_TOWER, tower)
+        vision = _vision_tower(tower, cache, keys)
+    return CachedEncoders(sam2, vision)

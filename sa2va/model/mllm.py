@@ -13,17 +13,31 @@ says so (`tie_like_text_config`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from transformers import (
     GotOcr2ImageProcessorPil,
     InternVLConfig,
     InternVLForConditionalGeneration,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+)
+
+from sa2va.model.checkpoints import check_loading_info
+from sa2va.model.official import (
+    check_supported,
+    is_official_folder,
+    load_internvl_weights,
+    load_official_tokenizer,
+    read_folder_config,
+    text_config,
+    vision_config,
 )
 
 SEG_TOKEN = "[SEG]"
@@ -203,10 +217,8 @@ def build_mllm(
     torch_dtype = getattr(torch, dtype)
     folder_template = None
     if path is not None:
-        from sa2va.model.official import is_official_folder, load_official_mllm
-
         if is_official_folder(path):
-            model, tokenizer, image_processor, folder_template = load_official_mllm(
+            model, tokenizer, image_processor, folder_template = _load_official_folder(
                 path, torch_dtype, attn_implementation, load_weights
             )
         else:
@@ -235,6 +247,22 @@ def build_mllm(
     )
 
 
+def image_embeddings(model: InternVLForConditionalGeneration, tower_output: Tensor) -> Tensor:
+    """(tiles, tokens, D) image embeddings for the LLM from the vision tower's last hidden
+    state: ``InternVLModel.get_image_features`` after its tower call (CLS token dropped as
+    configured, pixel shuffle, projector), restated so that a tower output computed elsewhere
+    (a frozen tower's cached one, :mod:`sa2va.model.feature_cache`) can enter."""
+    inner, config = model.model, model.config
+    features = tower_output
+    if config.vision_feature_select_strategy == "default":
+        features = features[:, 1:, :]
+    tiles, side = features.shape[0], int(features.shape[1] ** 0.5)
+    features = inner.pixel_shuffle(
+        features.reshape(tiles, side, side, -1), scale_factor=config.downsample_ratio
+    )
+    return inner.multi_modal_projector(features.reshape(tiles, -1, features.shape[-1]))
+
+
 def imagenet_image_processor(size: int) -> GotOcr2ImageProcessorPil:
     """InternVL's preprocessing: `size`-px tiles, ImageNet normalisation (tiling set later)."""
     return GotOcr2ImageProcessorPil(
@@ -255,8 +283,6 @@ def _load_hf_folder(
     if not load_weights:
         model = InternVLForConditionalGeneration(hf_config).to(torch_dtype)
         return model, tokenizer, image_processor
-    from sa2va.model.checkpoints import check_loading_info
-
     model, loading_info = InternVLForConditionalGeneration.from_pretrained(
         path,
         config=hf_config,
@@ -266,6 +292,58 @@ def _load_hf_folder(
     )
     check_loading_info(loading_info, f"InternVL checkpoint {path}")
     return model, tokenizer, image_processor
+
+
+def _load_official_folder(
+    path: str | Path, torch_dtype: torch.dtype, attn_implementation: str, load_weights: bool
+) -> tuple[
+    InternVLForConditionalGeneration, PreTrainedTokenizerBase, GotOcr2ImageProcessorPil, str | None
+]:
+    """An official folder (`sa2va.model.official`): model, tokenizer, image processor and the
+    `template` it names (None when it names none of the official Sa2VA templates)."""
+    cfg = read_folder_config(path)
+    source = f"{Path(path).expanduser() / 'config.json'}"
+    tokenizer = load_official_tokenizer(path)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise ValueError(f"{path}: the tokenizer has no {IMG_CONTEXT_TOKEN} token")
+    hf_config = official_internvl_config(cfg, image_token_id, source)
+    hf_config._attn_implementation = attn_implementation
+    with _default_dtype(torch_dtype):
+        model = InternVLForConditionalGeneration(hf_config)
+    if load_weights:
+        load_internvl_weights(model, path)
+    image_processor = imagenet_image_processor(hf_config.vision_config.image_size[0])
+    # an InternVL original names InternVL's own template (e.g. internvl2_5): not Sa2VA's
+    template = cfg.get("template") if cfg.get("template") in CHAT_TEMPLATES else None
+    return model, tokenizer, image_processor, template
+
+
+def official_internvl_config(
+    cfg: Mapping[str, Any], image_token_id: int, source: str
+) -> InternVLConfig:
+    """An official `config.json` (dict) -> `InternVLConfig`, tied as its LLM config says."""
+    check_supported(cfg, source)
+    converted = InternVLConfig(
+        vision_config=vision_config(cfg["vision_config"]),
+        text_config=text_config(cfg["llm_config"], source),
+        downsample_ratio=cfg.get("downsample_ratio", 0.5),
+        vision_feature_layer=cfg.get("select_layer", -1),
+        projector_hidden_act="gelu",
+        image_token_id=image_token_id,
+    )
+    return tie_like_text_config(converted)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules directly in `dtype` (an 8B model is not first made in fp32)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def internvl_config(

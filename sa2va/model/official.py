@@ -7,28 +7,27 @@ Two folder kinds hold the original InternVL chat layout (`vision_model.*`, `mlp1
 * `ByteDance/Sa2VA-*` HF releases (`model_type: sa2va_chat`), which add `text_hidden_fcs.*`
   and SAM 2 (`grounding_encoder.sam2_model.*`).
 
-Their config is converted here to an `InternVLConfig` (InternViT `intern_vit_6b` vision; Qwen2,
-InternLM2 (as Llama) or Phi-3 text); the tokenizer is read with `trust_remote_code=False`, and
-the weights go through the explicit key map `sa2va.model.checkpoints.official_to_sa2va` and
-a strict load. Sa2VA variants built on Qwen2.5-VL / Qwen3-VL (no InternViT) are refused.
+Their config is converted to an `InternVLConfig` (InternViT `intern_vit_6b` vision; Qwen2,
+InternLM2 (as Llama) or Phi-3 text; `sa2va.model.mllm` assembles the model); the tokenizer is
+read with `trust_remote_code=False`, and the weights go through the explicit key map
+`sa2va.model.checkpoints.official_to_sa2va` and a strict load. Sa2VA variants built on
+Qwen2.5-VL / Qwen3-VL (no InternViT) are refused.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from transformers import (
-    GotOcr2ImageProcessorPil,
-    InternVLConfig,
     InternVLForConditionalGeneration,
     PreTrainedTokenizerBase,
 )
+
+from sa2va.model.checkpoints import load_checked, official_to_sa2va
 
 OFFICIAL_MODEL_TYPES = ("sa2va_chat", "internvl_chat")
 INTERN_VIT = "intern_vit_6b"
@@ -142,24 +141,6 @@ def text_config(llm: Mapping[str, Any], source: str) -> dict[str, Any]:
     )
 
 
-def official_internvl_config(
-    cfg: Mapping[str, Any], image_token_id: int, source: str
-) -> InternVLConfig:
-    """An official `config.json` (dict) -> `InternVLConfig`, tied as its LLM config says."""
-    from sa2va.model.mllm import tie_like_text_config
-
-    check_supported(cfg, source)
-    converted = InternVLConfig(
-        vision_config=vision_config(cfg["vision_config"]),
-        text_config=text_config(cfg["llm_config"], source),
-        downsample_ratio=cfg.get("downsample_ratio", 0.5),
-        vision_feature_layer=cfg.get("select_layer", -1),
-        projector_hidden_act="gelu",
-        image_token_id=image_token_id,
-    )
-    return tie_like_text_config(converted)
-
-
 def load_official_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The folder's tokenizer, without remote code (InternLM2's own class needs it)."""
     from transformers import AutoTokenizer
@@ -191,17 +172,6 @@ def read_safetensors(path: str | Path, keep: Callable[[str], bool]) -> dict[str,
     return tensors
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Build modules directly in `dtype` (an 8B model is not first made in fp32)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _is_sa2va_head(key: str) -> bool:
     """Keys of a Sa2VA release outside the InternVL chat model."""
     return key.startswith(("text_hidden_fcs.", "grounding_encoder."))
@@ -210,8 +180,6 @@ def _is_sa2va_head(key: str) -> bool:
 def load_internvl_weights(model: InternVLForConditionalGeneration, path: str | Path) -> None:
     """The InternVL part of an official folder, renamed by `official_to_sa2va`, loaded
     strictly (`lm_head.weight` may be absent only when the LLM ties it to the embeddings)."""
-    from sa2va.model.checkpoints import load_checked, official_to_sa2va
-
     text = model.config.text_config
     state = official_to_sa2va(
         read_safetensors(path, lambda k: not _is_sa2va_head(k)),
@@ -225,39 +193,10 @@ def load_internvl_weights(model: InternVLForConditionalGeneration, path: str | P
     load_checked(model, mllm_state, f"official InternVL weights in {path}", tied)
 
 
-def load_official_mllm(
-    path: str | Path, torch_dtype: torch.dtype, attn_implementation: str, load_weights: bool
-) -> tuple[
-    InternVLForConditionalGeneration, PreTrainedTokenizerBase, GotOcr2ImageProcessorPil, str | None
-]:
-    """Model, tokenizer, image processor and the `template` named by an official folder
-    (None when it names none of the official Sa2VA templates)."""
-    from sa2va.model.mllm import CHAT_TEMPLATES, IMG_CONTEXT_TOKEN, imagenet_image_processor
-
-    cfg = read_folder_config(path)
-    source = f"{Path(path).expanduser() / 'config.json'}"
-    tokenizer = load_official_tokenizer(path)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
-        raise ValueError(f"{path}: the tokenizer has no {IMG_CONTEXT_TOKEN} token")
-    hf_config = official_internvl_config(cfg, image_token_id, source)
-    hf_config._attn_implementation = attn_implementation
-    with _default_dtype(torch_dtype):
-        model = InternVLForConditionalGeneration(hf_config)
-    if load_weights:
-        load_internvl_weights(model, path)
-    image_processor = imagenet_image_processor(hf_config.vision_config.image_size[0])
-    # an InternVL original names InternVL's own template (e.g. internvl2_5): not Sa2VA's
-    template = cfg.get("template") if cfg.get("template") in CHAT_TEMPLATES else None
-    return model, tokenizer, image_processor, template
-
-
 def load_release_heads(model: nn.Module, path: str | Path, with_sam2: bool) -> list[str]:
     """Load a Sa2VA release's `text_hidden_fcs` (and SAM 2 when `with_sam2`) into a
     `Sa2VA` strictly; returns the loaded prefixes. The InternVL part is loaded by
-    `load_official_mllm` and SAM 2 must be in the release when asked for."""
-    from sa2va.model.checkpoints import load_checked, official_to_sa2va
-
+    `sa2va.model.mllm.build_mllm` and SAM 2 must be in the release when asked for."""
     text = model.mllm.config.text_config
     wanted = ("text_hidden_fcs.", "grounding_encoder.") if with_sam2 else ("text_hidden_fcs.",)
     state = official_to_sa2va(

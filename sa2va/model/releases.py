@@ -38,7 +38,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import Tensor
@@ -222,14 +221,17 @@ def text_shapes(t: TextSpec, vocab: int) -> Shapes:
 
 @contextmanager
 def on_meta() -> Iterator[None]:
-    """Build modules on the meta device. SAM 2's Hiera turns a ``torch.linspace`` into
-    Python floats while it is built, which meta tensors cannot do: that call stays on CPU."""
-    linspace = torch.linspace
+    """Build modules with their parameters on the meta device (no memory, no files).
 
-    def cpu_linspace(*args: Any, **kwargs: Any) -> Tensor:
-        return linspace(*args, **{"device": "cpu", **kwargs})
+    accelerate's ``init_empty_weights`` moves each parameter to meta as it is registered;
+    other tensors stay ordinary CPU tensors, so a constructor can read back what it computes
+    (SAM 2's Hiera turns a ``torch.linspace`` into Python drop-path rates), which a
+    ``torch.device("meta")`` context forbids. Buffers (position tables, a few MiB) stay on
+    the CPU.
+    """
+    from accelerate import init_empty_weights
 
-    with torch.device("meta"), mock.patch.object(torch, "linspace", cpu_linspace):
+    with init_empty_weights(include_buffers=False):
         yield
 
 

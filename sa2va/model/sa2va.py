@@ -8,7 +8,7 @@ Training uses teacher forcing (the answer, e.g. "Sure, [SEG].", is in `input_ids
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from sa2va.model.feature_cache import FeatureCache, cached_encoders
-from sa2va.model.mllm import SEG_TOKEN, build_mllm
+from sa2va.model.mllm import SEG_TOKEN, build_mllm, image_embeddings
 from sa2va.model.official import is_sa2va_release, load_release_heads, release_has_sam2
 from sa2va.model.processor import Sa2VAProcessor
 from sa2va.model.sam2 import build_sam2, upsample
@@ -161,11 +161,24 @@ class Sa2VA(nn.Module):
             self.mllm.model.language_model = self.language_model.merge_and_unload()
 
     # ---- forward pieces -------------------------------------------------------------
-    def _mllm_hidden(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor]:
+    def _mllm_hidden(
+        self, batch: Mapping[str, Any], vision: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[Tensor | None, Tensor]:
+        """LM loss and last-layer states; ``vision`` stands in for the vision tower."""
+        pixel_values = batch["pixel_values"].to(self.mllm.dtype)
+        inputs: dict[str, Tensor] = {"input_ids": batch["input_ids"]}
+        if vision is None:
+            inputs["pixel_values"] = pixel_values
+        else:  # what InternVL's forward does with pixel_values, around the stand-in tower
+            embeds = self.mllm.get_input_embeddings()(batch["input_ids"])
+            image = image_embeddings(self.mllm, vision(pixel_values)).to(embeds.dtype)
+            mask = self.mllm.model.get_placeholder_mask(
+                batch["input_ids"], inputs_embeds=embeds, image_features=image
+            )
+            inputs = {"inputs_embeds": embeds.masked_scatter(mask, image)}
         out = self.mllm(
-            input_ids=batch["input_ids"],
+            **inputs,
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"].to(self.mllm.dtype),
             labels=batch.get("labels"),
             output_hidden_states=True,
             return_dict=True,
@@ -179,14 +192,19 @@ class Sa2VA(nn.Module):
         return embeddings, seg_mask.sum(1).tolist()
 
     def decode(
-        self, frames: Sequence[Tensor], embeddings: Tensor, counts: Sequence[int]
+        self,
+        frames: Sequence[Tensor],
+        embeddings: Tensor,
+        counts: Sequence[int],
+        encode: Callable[[Tensor], dict[str, Any]] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Masks for each sample: every [SEG] embedding of a sample prompts all its frames.
 
         SAM2 is prompted the official way (:class:`~sa2va.model.sam2.LanguagePromptedSAM2`).
         Returns per sample (T, M, S, S) logits at ``mask_size``, upsampled once (bilinear)
         straight from the low-resolution logits, and those (T, M, s, s) low-resolution
-        logits (SAM2 image_size/4), on which the official loss is computed.
+        logits (SAM2 image_size/4), on which the official loss is computed. ``encode`` stands
+        in for SAM2's image encoder (:mod:`sa2va.model.feature_cache`).
         """
         lengths = [f.shape[0] for f in frames]
         images = torch.cat(list(frames)).to(self.text_hidden_fcs[0].weight.dtype)
@@ -196,7 +214,7 @@ class Sa2VA(nn.Module):
                 [images.new_zeros(t_len, 0, size, size) for t_len in lengths],
                 [images.new_zeros(t_len, 0, low, low) for t_len in lengths],
             )
-        features = self.sam2.image_features(images)
+        features = self.sam2.image_features(images, encode)
         image_index, prompt_index = [], []
         frame_offset, prompt_offset = 0, 0
         for t_len, m in zip(lengths, counts, strict=True):
@@ -220,19 +238,22 @@ class Sa2VA(nn.Module):
 
         return per_sample(logits), per_sample(low_res)
 
-    def seg_embeddings(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor, list[int]]:
+    def seg_embeddings(
+        self, batch: Mapping[str, Any], vision: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[Tensor | None, Tensor, list[int]]:
         """The language half of `forward`: LM loss, projected [SEG] embeddings, counts per sample.
 
         Video propagation (`sa2va.video`) prompts SAM2's memory tracker with these itself.
+        ``vision`` stands in for the vision tower (:mod:`sa2va.model.feature_cache`).
         """
-        lm_loss, hidden = self._mllm_hidden(batch)
+        lm_loss, hidden = self._mllm_hidden(batch, vision)
         embeddings, counts = self._seg_embeddings(hidden, batch["input_ids"])
         return lm_loss, embeddings, counts
 
     def forward(self, batch: Mapping[str, Any]) -> Sa2VAOutput:
-        with cached_encoders(self, batch):  # frozen encoders reuse per-frame outputs
-            lm_loss, embeddings, counts = self.seg_embeddings(batch)
-            masks, low_res = self.decode(batch["g_pixel_values"], embeddings, counts)
+        cached = cached_encoders(self, batch)  # frozen encoders reuse per-frame outputs
+        lm_loss, embeddings, counts = self.seg_embeddings(batch, cached.vision)
+        masks, low_res = self.decode(batch["g_pixel_values"], embeddings, counts, cached.sam2)
         return Sa2VAOutput(
             lm_loss=lm_loss, pred_masks=masks, seg_counts=counts, low_res_masks=low_res
         )

@@ -21,7 +21,7 @@ SAM 2.1 ``hiera_*_v2_1``) with `hydra.utils.instantiate` instead of
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,13 +161,16 @@ class LanguagePromptedSAM2(SAM2Base):
         """SAM2's multimask rule for an initial conditioning frame without clicks."""
         return self._use_multimask(is_init_cond_frame=True, point_inputs=None)
 
-    def image_features(self, images: Tensor) -> ImageFeatures:
+    def image_features(
+        self, images: Tensor, encode: Callable[[Tensor], dict[str, Any]] | None = None
+    ) -> ImageFeatures:
         """Image encoder on (N, 3, S, S) normalised images, each a frame without memory.
 
         SAM2's own memory conditioning of an initial conditioning frame (adding
         ``no_mem_embed``, as ``directly_add_no_mem_embed`` asks) gives the embedding.
+        ``encode`` stands in for the image encoder (see :meth:`forward_image`).
         """
-        feats, pos, sizes = self._flat_features(self.forward_image(images))
+        feats, pos, sizes = self._flat_features(self.forward_image(images, encode))
         embed = self._prepare_memory_conditioned_features(
             frame_idx=0,
             is_init_cond_frame=True,
@@ -178,6 +181,20 @@ class LanguagePromptedSAM2(SAM2Base):
             num_frames=1,
         )
         return ImageFeatures(embed, _high_res_maps(feats, sizes))
+
+    def forward_image(
+        self, img_batch: Tensor, encode: Callable[[Tensor], dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """``SAM2Base.forward_image`` (image encoder, then the mask decoder's high-resolution
+        convs), restated so that ``encode`` can stand in for ``self.image_encoder``: a frozen
+        encoder's cached outputs (:mod:`sa2va.model.feature_cache`) enter before the convs,
+        which may be training."""
+        backbone_out = (encode or self.image_encoder)(img_batch)
+        if self.use_high_res_features_in_sam:
+            fpn = backbone_out["backbone_fpn"]
+            fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0])
+            fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1])
+        return backbone_out
 
     def decode_language(self, features: ImageFeatures, prompts: Tensor | None) -> FrameDecoding:
         """One mask per (N, C) [SEG] embedding on N frames, with its object pointer."""

@@ -11,7 +11,6 @@ model is built.
 
 from __future__ import annotations
 
-import re
 import string
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from sa2va.training.freeze import FreezeRule, LoraSettings
+from sa2va.utils import last_match
 
 # OmegaConf 2.3 reads these annotations at run time and knows `Optional[X]`, not `X | None`.
 # ruff: noqa: UP007, UP045
@@ -131,11 +131,7 @@ LORA_PARAMETER = "mllm.model.language_model.base_model.model.layers.0.self_attn.
 
 def _rule_says_trainable(name: str, default: bool, rules: list[Any]) -> bool:
     """FreezePolicy semantics for one name: the last rule whose pattern matches wins."""
-    trainable = default
-    for rule in rules:
-        if re.search(rule["pattern"], name):
-            trainable = bool(rule["trainable"])
-    return trainable
+    return bool(last_match(name, ((r["pattern"], r["trainable"]) for r in rules), default))
 
 
 def _freeze_problems(freeze: DictConfig) -> list[str]:

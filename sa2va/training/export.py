@@ -6,9 +6,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,7 @@ from torch import nn
 
 from sa2va.model.release_layout import release_config, sa2va_to_release, write_release_weights
 from sa2va.model.trained import EXPORT_FORMAT, MLLM_DIR, WEIGHTS, disk_full_error, load_trained
-from sa2va.utils import atomic_write_json, git_sha
+from sa2va.utils import atomic_dir, atomic_write_json, git_sha
 
 log = logging.getLogger(__name__)
 
@@ -114,37 +111,31 @@ def export(
     merged = has_lora and merge_lora
     if merged:
         model.merge_lora()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        if format == "project":
-            weights = _write_project(tmp, model, meta, merged)
-        else:
-            weights = write_official_release(model, tmp, template, max_shard_size)
-        manifest = {
-            "format": EXPORT_FORMAT if format == "project" else OFFICIAL_FORMAT,
-            "source_checkpoint": str(source.resolve()),
-            "source_kind": "deepspeed" if source.is_dir() else "lightning",
-            "source_sha256": checkpoint_sha256(source),
-            "global_step": meta.get("global_step"),
-            "lora": "merged" if merged else "adapter" if has_lora else "none",
-            "merged_lora": merged,
-            "weights_sha256": {name: file_sha256(tmp / name) for name in weights},
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "git_sha": git_sha(),
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            if format == "project":
+                weights = _write_project(tmp, model, meta, merged)
+            else:
+                weights = write_official_release(model, tmp, template, max_shard_size)
+            manifest = {
+                "format": EXPORT_FORMAT if format == "project" else OFFICIAL_FORMAT,
+                "source_checkpoint": str(source.resolve()),
+                "source_kind": "deepspeed" if source.is_dir() else "lightning",
+                "source_sha256": checkpoint_sha256(source),
+                "global_step": meta.get("global_step"),
+                "lora": "merged" if merged else "adapter" if has_lora else "none",
+                "merged_lora": merged,
+                "weights_sha256": {name: file_sha256(tmp / name) for name in weights},
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "git_sha": git_sha(),
+            }
+            atomic_write_json(tmp / "manifest.json", manifest)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if e.errno != errno.ENOSPC:
             raise
         needed = sum(p.numel() * p.element_size() for p in model.state_dict().values())
         raise disk_full_error(e.filename or final, needed, e) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s -> %s (%s, LoRA %s)", source, final, format, manifest["lora"])
     if format == "official":
         log.info("copy the official projects/sa2va/hf/models/*.py into %s to run it", final)

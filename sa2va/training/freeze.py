@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from sa2va.utils import last_match
+
 # Module families for the parameter table, first match wins.
 MODULE_FAMILIES: list[tuple[str, str]] = [
     ("lora", r"lora_"),
@@ -97,10 +99,8 @@ class FreezePolicy:
             )
         last_n_pattern = self._last_n_pattern(model)
         for name, param in model.named_parameters():
-            trainable = self.default_trainable
-            for rule in self.rules:
-                if re.search(rule.pattern, name):
-                    trainable = rule.trainable
+            rules = ((rule.pattern, rule.trainable) for rule in self.rules)
+            trainable = last_match(name, rules, self.default_trainable)
             if last_n_pattern and re.search(last_n_pattern, name):
                 trainable = True
             param.requires_grad_(trainable)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+from sa2va.utils import last_match
 
 
 class AdamWCosine:
@@ -45,10 +46,7 @@ class AdamWCosine:
         for name, param in named_params:
             if not param.requires_grad:
                 continue
-            mult = 1.0
-            for pattern, value in self.lr_mult.items():
-                if re.search(pattern, name):
-                    mult = value
+            mult = last_match(name, self.lr_mult.items(), 1.0)
             decay = param.ndim > 1
             group = groups.setdefault(
                 (mult, decay),

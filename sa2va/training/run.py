@@ -16,9 +16,12 @@ from sa2va.overrides import hydra_overrides
 from sa2va.training.checkpointing import Preempted, preempted_checkpoint
 from sa2va.training.config import validate_config
 from sa2va.training.loggers import ablation_keys, log_run_config
-from sa2va.utils import atomic_write_json, git_sha, to_float_dict
+from sa2va.utils import atomic_write_json, git_sha, run_record, to_float_dict
 
 log = logging.getLogger(__name__)
+
+# in a W&B run's files: what the run holds, readable without W&B (see _finish_wandb)
+WANDB_RUN_FILE = "sa2va_run.json"
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
@@ -60,7 +63,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "git_sha": git_sha(),
         "output_dir": str(output_dir),
     }
-    try:
+    # rank 0's summary: under DDP every rank gets here, and the train/* values it holds are
+    # its own batches' (the last writer would win at random)
+    write = rank_zero_only.rank == 0
+    stops = {Preempted: "preempted"}
+    with run_record(output_dir / "metrics.json", summary, write, _finish_wandb, stops):
         validate_config(cfg)
         L.seed_everything(cfg.seed, workers=True)
         module, datamodule = build(cfg)
@@ -82,21 +89,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["status"] = "completed"
         if preempted is not None:  # done: a later start in this run dir must not go back
             preempted.unlink(missing_ok=True)
-    except Preempted as stop:
-        summary["status"] = "preempted"
-        summary["error"] = str(stop)
-        log.warning("%s", stop)
-        raise
-    except BaseException as error:
-        summary["status"] = "failed"
-        summary["error"] = f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        # rank 0's summary: under DDP every rank gets here, and the train/* values it holds
-        # are its own batches' (the last writer would win at random)
-        if rank_zero_only.rank == 0:
-            atomic_write_json(output_dir / "metrics.json", summary)
-        _finish_wandb(summary)
     log.info("metrics: %s", summary["metrics"])
     return summary
 
@@ -104,11 +96,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _finish_wandb(summary: dict[str, Any]) -> None:
     """Lightning's WandbLogger never finishes its run; a sweep needs one run per job.
 
-    A failed job's run is marked failed (exit code 1) with its error in the summary.
+    A failed job's run is marked failed (exit code 1) with its error in the summary. What the
+    run holds (name, group, job type, config, exit code) is also written as JSON into its
+    files (``WANDB_RUN_FILE``): the SDK cannot read an offline run's binary log back.
     """
     import sys
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        wandb.run.summary.update({"status": summary["status"], "error": summary.get("error")})
-        wandb.finish(exit_code=0 if summary["status"] == "completed" else 1)
+        run = wandb.run
+        exit_code = 0 if summary["status"] == "completed" else 1
+        run.summary.update({"status": summary["status"], "error": summary.get("error")})
+        record = {
+            "id": run.id,
+            "name": run.name,
+            "group": run.group,
+            "job_type": run.job_type,
+            "config": run.config.as_dict(),
+            "exit_code": exit_code,
+        }
+        atomic_write_json(Path(run.dir) / WANDB_RUN_FILE, record)
+        wandb.finish(exit_code=exit_code)

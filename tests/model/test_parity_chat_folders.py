@@ -14,8 +14,7 @@ from helpers.official_fixtures import RELEASE, build_release_model
 from safetensors.torch import load_file, save_file
 
 from sa2va.model.checkpoints import CheckpointMismatchError
-from sa2va.model.mllm import SA2VA_SPECIAL_TOKENS, build_mllm
-from sa2va.model.official import official_internvl_config
+from sa2va.model.mllm import SA2VA_SPECIAL_TOKENS, build_mllm, official_internvl_config
 from sa2va.model.sam2 import build_sam2
 
 N_SA2VA = len(SA2VA_SPECIAL_TOKENS)

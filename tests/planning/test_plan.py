@@ -11,19 +11,15 @@ from torch import nn
 from transformers import InternVLVisionConfig, InternVLVisionModel, Qwen2Config, Qwen2Model
 
 from sa2va.model.sam2 import build_sam2
-from sa2va.planning.memory import (
+from sa2va.planning.activations import hiera_bytes, llm_layer_bytes, lora_targets, vit_layer_bytes
+from sa2va.planning.report import format_plan, plan
+from sa2va.planning.states import (
     ROWS,
     ParamStats,
     Setup,
     build_meta_model,
-    format_plan,
-    hiera_bytes,
-    llm_layer_bytes,
-    lora_targets,
     model_state_bytes,
-    plan,
     selected_setup,
-    vit_layer_bytes,
 )
 from sa2va.utils import to_plain
 

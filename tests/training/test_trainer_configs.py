@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 import sa2va.training.run
-from sa2va.planning.memory import ParamStats, Workload, activation_bytes, build_meta_model
+from sa2va.planning.activations import Workload, activation_bytes
+from sa2va.planning.states import ParamStats, build_meta_model
 from sa2va.training.config import ConfigError
 from sa2va.training.run import build, train
 from sa2va.utils import CONF_DIR
