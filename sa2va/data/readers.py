@@ -65,6 +65,11 @@ def frame_name(stem: str, index: int) -> str:
     return f"{stem}_frame_{index:06d}"
 
 
+def _reason(error: BaseException) -> str:
+    """A third-party error on one line (parsers such as construct print multi-line paths)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def available(package: str) -> bool:
     """Whether an optional reader package is installed (the ``formats`` extra)."""
     return importlib.util.find_spec(package) is not None
@@ -114,14 +119,14 @@ def read_dicom(path: Path) -> FrameSequence:
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, EOFError, OSError) as e:
-        raise InputError(f"{path}: not a readable DICOM file ({e})") from e
+        raise InputError(f"{path}: not a readable DICOM file ({_reason(e)})") from e
     if "PixelData" not in ds:
         raise InputError(f"{path}: DICOM file without pixel data ({ds.get('Modality', '?')})")
     try:
         pixels = ds.pixel_array
     except Exception as e:  # pydicom raises per-codec types for unsupported compression
         syntax = ds.file_meta.get("TransferSyntaxUID", "?")
-        raise InputError(f"{path}: cannot decode DICOM pixel data ({syntax}): {e}") from e
+        raise InputError(f"{path}: cannot decode DICOM pixel data ({syntax}): {_reason(e)}") from e
     rgb = int(ds.get("SamplesPerPixel", 1)) == 3
     if int(ds.get("NumberOfFrames", 1)) == 1:
         pixels = pixels[None]
@@ -152,7 +157,7 @@ def read_video(path: Path) -> FrameSequence:
             stream = container.streams.video[0]
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     except av.FFmpegError as e:
-        raise InputError(f"{path}: cannot read video ({e})") from e
+        raise InputError(f"{path}: cannot read video ({_reason(e)})") from e
     return FrameSequence(path, "video", frames, _spacing())
 
 
@@ -200,7 +205,7 @@ def read_vendor(path: Path) -> FrameSequence:
     except InputError:
         raise
     except Exception as e:  # third-party parsers raise whatever their decoder hits
-        raise InputError(f"{path}: cannot read as {what} ({type(e).__name__}: {e})") from e
+        raise InputError(f"{path}: cannot read as {what} ({_reason(e)})") from e
 
 
 # ---------------------------------------------------------------------------- entry
