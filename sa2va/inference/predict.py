@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sa2va.data.datamodule import load_rgb
+from sa2va.data.interchange import EXPORT_FORMATS, AnnotatedImage, mask_to_polygons, write_exports
 from sa2va.data.readers import (
     SEQUENCE_SUFFIXES,
     InputError,
@@ -206,6 +207,29 @@ def read_frames(item: InputItem) -> list[tuple[str, Image.Image]]:
 # ---------------------------------------------------------------------------- output
 
 
+def object_name(prompt: str, index: int) -> str:
+    """The object a prompt asks for, as exports name it: ``Please segment the blood vessel.``
+    -> ``blood vessel``; ``p<index>`` when the prompt does not say ``segment ...``."""
+    match = re.search(r"segment (?:the |all )?([^<>\[\]]+?)[.!?]*$", prompt.strip(), re.I)
+    return match[1] if match else f"p{index}"
+
+
+def annotated_frame(
+    image_name: str,
+    probs: np.ndarray,
+    owners: Sequence[int],
+    names: Sequence[str],
+    threshold: float,
+) -> AnnotatedImage:
+    """A frame's non-empty masks as polygons, each named after the prompt that owns it."""
+    frame = AnnotatedImage(image_name, probs.shape[1:])
+    for prob, owner in zip(probs, owners, strict=True):
+        mask = prob > threshold
+        if mask.any():
+            frame.instances.append((names[owner], mask_to_polygons(mask)))
+    return frame
+
+
 def mask_labels(owners: Sequence[int]) -> list[str]:
     """File labels of a frame's masks: ``p<i>``, or ``p<i>_<j>`` when prompt i owns several."""
     counts = Counter(owners)
@@ -254,6 +278,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"prompt must be a non-empty string or list of strings, got {prompts!r}")
     if pcfg.save_probs not in PROB_FORMATS:
         raise ValueError(f"predict.save_probs must be one of {PROB_FORMATS}, got {pcfg.save_probs}")
+    exports = list(pcfg.get("export") or [])
+    if not set(exports) <= set(EXPORT_FORMATS):
+        raise ValueError(f"predict.export: choose from {EXPORT_FORMATS}, got {exports}")
     if pcfg.video_mode not in VIDEO_MODES:
         raise ValueError(f"predict.video_mode must be one of {VIDEO_MODES}, got {pcfg.video_mode}")
     items = discover_inputs(cfg.input, pcfg.sequence, pcfg.video_pattern)
@@ -265,6 +292,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     threshold, source = resolve_threshold(pcfg.threshold, cfg.ckpt_path, meta)
     log.info("threshold %.3f (from %s)", threshold, source)
     answers = to_plain(pcfg.answer)
+    object_names = [object_name(p, i) for i, p in enumerate(prompts)]
+    annotated: list[AnnotatedImage] = []
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
@@ -294,14 +323,21 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             records = []
             for t, (name, image) in enumerate(zip(names, frames, strict=True)):
                 probs = probabilities(pred.logits[t], (image.height, image.width)).cpu().numpy()
-                labels = mask_labels(seg_owners(prompts, pred.answers[t]))
+                owners = seg_owners(prompts, pred.answers[t])
+                labels = mask_labels(owners)
+                if exports:
+                    source = item.images[t].name if item.video is None else f"{name}.png"
+                    annotated.append(
+                        annotated_frame(source, probs, owners, object_names, threshold)
+                    )
                 files = _write_frame(
                     tmp, name, image, probs, labels, threshold, pcfg.save_probs, pcfg.overlays
                 )
                 records.append({"frame": name, "answers": pred.answers[t], "masks": files})
-            summary["sequences"].append(
-                {"name": item.name, **item.metadata, "frames": records}
-            )
+            summary["sequences"].append({"name": item.name, **item.metadata, "frames": records})
+        summary["exports"] = [
+            str(p.relative_to(tmp)) for p in write_exports(annotated, tmp, exports)
+        ]
         atomic_write_json(tmp / "predictions.json", summary)
         os.replace(tmp, final)
     except BaseException:
