@@ -57,6 +57,13 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
+def checkpoint_record(ckpt_path: str | Path, kind: str) -> Path:
+    """``<ckpt>.<kind>.json`` beside a checkpoint (file or folder): what later steps learnt
+    about it (``threshold``: tuned on val; ``eval``: where its last evaluation is)."""
+    path = Path(ckpt_path)
+    return path.with_name(f"{path.name}.{kind}.json")
+
+
 def git_sha() -> str | None:
     try:
         out = subprocess.run(

@@ -32,7 +32,7 @@ from sa2va.data.readers import (
 )
 from sa2va.figures import overlay_masks, png_bytes
 from sa2va.inference.video import VIDEO_MODES, probabilities, seg_owners, segment_video
-from sa2va.utils import atomic_write_bytes, atomic_write_json, to_plain
+from sa2va.utils import atomic_write_bytes, atomic_write_json, checkpoint_record, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
 
 def threshold_path(ckpt_path: str | Path) -> Path:
     """Where the threshold tuned for a checkpoint lives: ``<ckpt>.threshold.json``."""
-    path = Path(ckpt_path)
-    return path.with_name(path.name + ".threshold.json")
+    return checkpoint_record(ckpt_path, "threshold")
 
 
 def checkpoint_fingerprint(ckpt_path: str | Path) -> dict[str, int]:

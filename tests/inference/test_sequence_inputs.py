@@ -4,6 +4,7 @@ the files directly and exports COCO / LabelMe; eval runs on the frames the impor
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +74,9 @@ def test_eval_runs_on_imported_dicom_and_mp4_frames(trained, compose_cfg, tmp_pa
     import_frames(tmp_path / "scans", tmp_path / "ds", coco, "coco")
     records, _ = load_annotations(tmp_path / "ds" / "annotations.json", tmp_path / "ds")
     assert len(records) == len(truth)
+    ckpt = shutil.copy(trained.ckpt, tmp_path / "model.ckpt")  # eval records itself beside it
     cfg = compose_cfg(
-        f"ckpt_path={trained.ckpt}",
+        f"ckpt_path={ckpt}",
         "data=oct",
         f"data.root={tmp_path / 'ds'}",
         "data.split_ratios=[1,0,0]",
@@ -90,3 +92,5 @@ def test_eval_runs_on_imported_dicom_and_mp4_frames(trained, compose_cfg, tmp_pa
     assert summary["n_videos"] == 2 and summary["n_images"] == len(truth)
     written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert written["results"]["default"]["per_image"]["dice"]["n"] == len(truth)
+    pointer = json.loads((tmp_path / "model.ckpt.eval.json").read_text())
+    assert pointer == {"metrics": str(Path(cfg.paths.output_dir) / "metrics.json")}
