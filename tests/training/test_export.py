@@ -264,7 +264,7 @@ def test_official_release_names_the_template_the_model_prompts_with(compose_cfg,
 def test_export_carries_a_model_card_with_the_runs_numbers(trained, compose_cfg, tmp_path):  # noqa: F811
     """README.md: the run's loss and validation numbers, the last eval's CIs, the tuned
     threshold, the split counts and hash, and metadata the hub library reads back (offline)."""
-    run = Path(shutil.copytree(trained.run_dir, tmp_path / "train_run"))  # eval writes beside the ckpt
+    run = Path(shutil.copytree(trained.run_dir, tmp_path / "train_run"))  # eval writes beside it
     ckpt = run / "checkpoints" / trained.ckpt.name
     overrides = [*FAST_DATA, "eval.n_boot=50", "eval.num_figures=0", "eval.tune_threshold=true"]
     evaluation = evaluate(compose_cfg(f"ckpt_path={ckpt}", *overrides, config_name="eval"))
