@@ -113,6 +113,8 @@ def _dicom_spacing(ds: Any) -> dict[str, float | None]:
 
 
 def read_dicom(path: Path) -> FrameSequence:
+    if not available("pydicom"):
+        raise InputError(f"{path}: reading DICOM files needs pydicom ({INSTALL_HINT})")
     import pydicom
     from pydicom.errors import InvalidDicomError
 
