@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 PROB_FORMATS = (None, "png16", "npy")
-__all__ = ["InputError"]  # raised here, defined by the reader layer
 
 # ---------------------------------------------------------------------- model loading
 
