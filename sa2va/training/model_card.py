@@ -60,7 +60,7 @@ def release_like(model_config: Mapping[str, Any]) -> str:
     from sa2va.model.releases import RELEASES
 
     name = model_config.get("name")
-    matches = [r.name for r in RELEASES.values() if r.config == name and r.layout == "hf"]
+    matches = [r.name for r in RELEASES.values() if r.config == name and r.layout == "hf_release"]
     return matches[0] if matches else ""
 
 
@@ -135,21 +135,28 @@ def eval_results(evaluation: Mapping[str, Any] | None, dataset: str) -> list[Eva
     ]
 
 
+def _weights(path: str | None) -> str:
+    return f"`{path}`" if path else "randomly initialised (no pretrained file)"
+
+
 def _architecture(meta: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[str]:
     model = meta.get("model") or {}
     mllm = (model.get("mllm") or {}).get("config") or {}
     vision, text = mllm.get("vision_config") or {}, mllm.get("text_config") or {}
     release = release_like(model)
     shaped = f"shaped like the official **{release}**" if release else "no official release's shape"
-    sam2 = (model.get("sam2") or {}).get("name") or (model.get("sam2") or {}).get("config", "?")
+    trunk = ((model.get("sam2") or {}).get("image_encoder") or {}).get("trunk") or {}
+    sam2 = (
+        f"Hiera trunk, embed_dim {trunk.get('embed_dim', '?')}, stages {trunk.get('stages', '?')}"
+    )
     return [
         f"- `{meta.get('model_class')}` (config preset `{model.get('name')}`): {shaped}.",
         f"- InternVL: vision {vision.get('num_hidden_layers', '?')} layers x "
         f"{vision.get('hidden_size', '?')}, LLM {text.get('model_type', '?')} "
         f"{text.get('num_hidden_layers', '?')} layers x {text.get('hidden_size', '?')}; "
-        f"MLLM weights from `{(model.get('mllm') or {}).get('path')}`.",
-        f"- SAM2 mask decoder `{sam2}` prompted by the `[SEG]` token; SAM2 weights from "
-        f"`{model.get('sam2_ckpt')}`.",
+        f"MLLM weights: {_weights((model.get('mllm') or {}).get('path'))}.",
+        f"- SAM2 ({sam2}), its mask decoder prompted by the `[SEG]` token; SAM2 weights: "
+        f"{_weights(model.get('sam2_ckpt'))}.",
         f"- {manifest['num_parameters']:,} parameters; LoRA {manifest['lora']}; export format "
         f"`{manifest['format']}`, from `{manifest['source_checkpoint']}` (sha256 "
         f"`{manifest['source_sha256'][:16]}...`).",
@@ -208,13 +215,12 @@ def model_card(
     run, evaluation = run_record(ckpt) or {}, last_eval(ckpt)
     tuned = _read_json(checkpoint_record(ckpt, "threshold"))
     splits = data_splits(meta.get("datamodule"))
-    release = release_like(meta.get("model") or {})
+    # no base_model: the weights may come from InternVL or from a Sa2VA release alike
     data = ModelCardData(
         model_name=folder.name,
         license="other",
         pipeline_tag="image-segmentation",
         tags=TAGS,
-        base_model=release or None,
         eval_results=eval_results(evaluation, Path(splits.get("root", "data")).name),
     )
     use = (

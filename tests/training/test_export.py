@@ -36,6 +36,7 @@ from sa2va.model.releases import release_from_config, release_shapes
 from sa2va.model.sa2va import Sa2VA
 from sa2va.model.trained import load_exported, load_trained
 from sa2va.training.export import export, write_official_release
+from sa2va.training.model_card import release_like
 from sa2va.training.run import train
 from sa2va.utils import CONF_DIR, REPO_ROOT
 
@@ -292,6 +293,7 @@ def test_export_carries_a_model_card_with_the_runs_numbers(trained, compose_cfg,
         assert f"| {split} | {len(videos)} | {len(dm.records(split))} |" in text
     assert hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest() in text
     assert "not a medical device" in text and "no official release's shape" in text
+    assert release_like({"name": "sa2va_8b"}) == "ByteDance/Sa2VA-InternVL3-8B"  # shapes
     assert f"hf upload <user>/export {tmp_path / 'export'} . --repo-type model" in text
 
     export(run / "checkpoints" / "last.ckpt", tmp_path / "plain")  # never evaluated
