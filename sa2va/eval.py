@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from sa2va.evaluation.evaluate import (
     evaluate,
 )
+from sa2va.summary import eval_summary
 from sa2va.training.config import register_schemas
 from sa2va.utils import CONF_DIR
 
@@ -29,6 +30,7 @@ register_schemas()
 def main(cfg: DictConfig) -> float:
     OmegaConf.resolve(cfg)
     summary = evaluate(cfg)
+    print(eval_summary(summary))
     return summary["results"]["default"]["per_image"]["dice"]["mean"]
 
 

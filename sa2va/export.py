@@ -11,6 +11,9 @@ complete)::
     config.json        {"model_class", "model": the Sa2VA config, "freeze", "threshold"}
     mllm/              InternVL config.json, tokenizer, image processor (preprocessor_config.json)
     manifest.json      source checkpoint and its sha256, LoRA merged or not, weights sha256
+    README.md          the model card (sa2va.training.model_card): architecture, data and
+                       splits, loss and freeze policy, metrics of the last sa2va.eval,
+                       threshold, intended use, Hub metadata and the upload command
 
 ``format=official`` writes the HF release layout of the official Sa2VA (LoRA merged first)::
 
@@ -34,11 +37,10 @@ load strictly, so two different checkpoints always export different models.
 
 from __future__ import annotations
 
-import json
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from sa2va.summary import export_summary
 from sa2va.training.config import register_schemas
 from sa2va.training.export import export
 from sa2va.utils import CONF_DIR
@@ -58,7 +60,7 @@ def main(cfg: DictConfig) -> None:
         cfg.template,
         cfg.max_shard_size,
     )
-    print(json.dumps(manifest, indent=2))
+    print(export_summary(manifest, cfg.out))
 
 
 if __name__ == "__main__":

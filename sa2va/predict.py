@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from sa2va.inference.predict import (
     predict,
 )
+from sa2va.summary import predict_summary
 from sa2va.training.config import register_schemas
 from sa2va.utils import CONF_DIR
 
@@ -26,7 +27,7 @@ register_schemas()
 @hydra.main(config_path=CONF_DIR, config_name="predict", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
-    predict(cfg)
+    print(predict_summary(predict(cfg)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from sa2va.summary import train_summary
 from sa2va.training.config import register_schemas
 from sa2va.training.run import train
 from sa2va.utils import CONF_DIR
@@ -31,6 +32,7 @@ def main(cfg: DictConfig) -> float | None:
             raise
         log.exception("job failed (recorded in metrics.json); the sweep goes on")
         return float("nan")
+    print(train_summary(summary))
     return summary["metrics"].get(cfg.get("optimized_metric", "val/dice"))
 
 

@@ -126,6 +126,13 @@ def last_match(name: str, rules: Iterable[tuple[str, Any]], default: Any) -> Any
     return value
 
 
+def checkpoint_record(ckpt_path: str | Path, kind: str) -> Path:
+    """``<ckpt>.<kind>.json`` beside a checkpoint (file or folder): what later steps learnt
+    about it (``threshold``: tuned on val; ``eval``: where its last evaluation is)."""
+    path = Path(ckpt_path)
+    return path.with_name(f"{path.name}.{kind}.json")
+
+
 def git_sha() -> str | None:
     try:
         out = subprocess.run(

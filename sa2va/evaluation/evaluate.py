@@ -38,7 +38,14 @@ from sa2va.inference.predict import (
 from sa2va.inference.video import predict_frames
 from sa2va.model.sa2va import Sa2VA
 from sa2va.overrides import hydra_overrides
-from sa2va.utils import atomic_write_bytes, git_sha, run_record, to_plain
+from sa2va.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    checkpoint_record,
+    git_sha,
+    run_record,
+    to_plain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +392,19 @@ def log_to_wandb(cfg: DictConfig, summary: Mapping[str, Any], figures: Sequence[
 # ------------------------------------------------------------------------ pipeline
 
 
+def record_eval(ckpt_path: str | Path, out_dir: Path) -> None:
+    """``<ckpt>.eval.json``: where the checkpoint's latest evaluation is (the export's model
+    card reads its metrics from there). A read-only checkpoint folder only loses the link."""
+    try:
+        atomic_write_json(
+            checkpoint_record(ckpt_path, "eval"), {"metrics": str(out_dir / "metrics.json")}
+        )
+    except OSError as error:
+        log.warning(
+            "%s: cannot record this evaluation beside the checkpoint (%s)", ckpt_path, error
+        )
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.eval.split``; always leaves ``metrics.json`` behind."""
     ecfg = cfg.eval
@@ -463,5 +483,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         summary["figures"] = [str(p) for p in figures]
         summary["status"] = "completed"
         atomic_write_bytes(out_dir / "results.md", results_markdown(summary).encode())
+        record_eval(cfg.ckpt_path, out_dir)
     log_to_wandb(cfg, summary, figures)
     return summary

@@ -3,7 +3,6 @@ and overlays."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
@@ -20,20 +19,28 @@ from PIL import Image
 from tqdm import tqdm
 
 from sa2va.data.datamodule import load_rgb
+from sa2va.data.interchange import EXPORT_FORMATS, AnnotatedImage, mask_to_polygons, write_exports
+from sa2va.data.readers import (
+    SEQUENCE_SUFFIXES,
+    InputError,
+    frame_name,
+    is_sequence_file,
+    read_sequence,
+)
 from sa2va.figures import overlay_masks, png_bytes
 from sa2va.inference.video import VIDEO_MODES, predict_frames
-from sa2va.utils import atomic_dir, atomic_write_bytes, atomic_write_json, to_plain
+from sa2va.utils import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    checkpoint_record,
+    to_plain,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 PROB_FORMATS = (None, "png16", "npy")
-
-
-class InputError(ValueError):
-    """An input that cannot be used; the message names the file and the problem."""
-
 
 # ---------------------------------------------------------------------- model loading
 
@@ -67,8 +74,7 @@ def load_model(ckpt_path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
 
 def threshold_path(ckpt_path: str | Path) -> Path:
     """Where the threshold tuned for a checkpoint lives: ``<ckpt>.threshold.json``."""
-    path = Path(ckpt_path)
-    return path.with_name(path.name + ".threshold.json")
+    return checkpoint_record(ckpt_path, "threshold")
 
 
 def checkpoint_fingerprint(ckpt_path: str | Path) -> dict[str, int]:
@@ -112,11 +118,13 @@ def resolve_threshold(
 
 @dataclass
 class InputItem:
-    """One sequence to segment: image files in order, or one video file."""
+    """One sequence to segment: image files in order, or one file holding a sequence (video,
+    DICOM, vendor OCT export: :mod:`sa2va.data.readers`); ``metadata`` is filled when read."""
 
     name: str
     images: list[Path] = field(default_factory=list)
     video: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -126,31 +134,43 @@ def _natural_key(path: Path) -> list[Any]:
 def discover_inputs(
     source: str | Path, sequence: str | bool = "auto", video_pattern: str | None = None
 ) -> list[InputItem]:
-    """An image, a video file, or a folder of images -> sequences.
+    """An image, a sequence file (video, DICOM, vendor OCT), or a folder of those -> sequences.
 
-    A folder's images form one sequence (``sequence=true``), one each (``false``), or with
-    ``auto`` those matching ``video_pattern`` (``<video>_frame_<n>.jpg``) are grouped into
-    videos by name and the rest are single images. Order is natural (frame_2 < frame_10).
+    A folder's sequence files are one sequence each. Its images form one sequence
+    (``sequence=true``), one each (``false``), or with ``auto`` those matching
+    ``video_pattern`` (``<video>_frame_<n>.jpg``) are grouped into videos by name and the rest
+    are single images. Order is natural (frame_2 < frame_10).
     """
     path = Path(source).expanduser()
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
             return [InputItem(path.stem, images=[path])]
-        if suffix in VIDEO_SUFFIXES:
+        if is_sequence_file(path):
             return [InputItem(path.stem, video=path)]
-        known = sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES)
-        raise InputError(f"{path}: unsupported file type {suffix!r} (expected one of {known})")
-    images = sorted(
-        (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-        key=_natural_key,
-    )
+        raise InputError(
+            f"{path}: unsupported file type {path.suffix.lower()!r} (images: "
+            f"{sorted(IMAGE_SUFFIXES)}; sequence files: {sorted(SEQUENCE_SUFFIXES)})"
+        )
+    files = sorted((p for p in path.iterdir() if p.is_file()), key=_natural_key)
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    sequences = [InputItem(p.stem, video=p) for p in files if is_sequence_file(p)]
+    if not images and not sequences:
+        raise InputError(
+            f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or sequence files "
+            "(video, DICOM, vendor OCT) in folder"
+        )
+    return _image_items(path, images, sequence, video_pattern) + sequences
+
+
+def _image_items(
+    folder: Path, images: list[Path], sequence: str | bool, video_pattern: str | None
+) -> list[InputItem]:
     if not images:
-        raise InputError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder")
+        return []
     if sequence is True or sequence == "true":
-        return [InputItem(path.name, images=images)]
+        return [InputItem(folder.name, images=images)]
     if sequence is False or sequence == "false" or not video_pattern:
         return [InputItem(p.stem, images=[p]) for p in images]
     if sequence != "auto":
@@ -167,11 +187,6 @@ def discover_inputs(
     return [InputItem(name, images=frames) for name, frames in videos.items()] + singles
 
 
-def _video_reader_available() -> bool:
-    """imageio reads video files through imageio-ffmpeg or PyAV, neither a dependency here."""
-    return any(importlib.util.find_spec(m) is not None for m in ("imageio_ffmpeg", "av"))
-
-
 def read_frames(item: InputItem) -> list[tuple[str, Image.Image]]:
     """(frame name, RGB image) pairs; unreadable files raise :class:`InputError`."""
     if item.video is None:
@@ -182,28 +197,38 @@ def read_frames(item: InputItem) -> list[tuple[str, Image.Image]]:
             except (OSError, ValueError) as error:
                 raise InputError(f"{path}: cannot read image ({error})") from error
         return frames
-    if not _video_reader_available():
-        raise InputError(
-            f"{item.video}: reading video files needs imageio-ffmpeg or av, which are not "
-            "installed. Extract the frames instead, e.g. "
-            f"`ffmpeg -i {item.video.name} frames/{item.name}_frame_%06d.png`, and pass "
-            "input=frames/ (or pip install imageio-ffmpeg)."
-        )
-    import imageio.v3 as iio
-
-    try:
-        arrays = list(iio.imiter(item.video))
-    except Exception as error:  # imageio raises plugin-specific types
-        raise InputError(f"{item.video}: cannot read video ({error})") from error
-    if not arrays:
-        raise InputError(f"{item.video}: video has no frames")
+    sequence = read_sequence(item.video)
+    item.metadata = sequence.metadata()
     return [
-        (f"{item.name}_frame_{i:06d}", Image.fromarray(np.asarray(a)).convert("RGB"))
-        for i, a in enumerate(arrays)
+        (frame_name(item.name, i), Image.fromarray(a).convert("RGB"))
+        for i, a in enumerate(sequence.frames)
     ]
 
 
 # ---------------------------------------------------------------------------- output
+
+
+def object_name(prompt: str, index: int) -> str:
+    """The object a prompt asks for, as exports name it: ``Please segment the blood vessel.``
+    -> ``blood vessel``; ``p<index>`` when the prompt does not say ``segment ...``."""
+    match = re.search(r"segment (?:the |all )?([^<>\[\]]+?)[.!?]*$", prompt.strip(), re.I)
+    return match[1] if match else f"p{index}"
+
+
+def annotated_frame(
+    image_name: str,
+    probs: np.ndarray,
+    owners: Sequence[int],
+    names: Sequence[str],
+    threshold: float,
+) -> AnnotatedImage:
+    """A frame's non-empty masks as polygons, each named after the prompt that owns it."""
+    frame = AnnotatedImage(image_name, probs.shape[1:])
+    for prob, owner in zip(probs, owners, strict=True):
+        mask = prob > threshold
+        if mask.any():
+            frame.instances.append((names[owner], mask_to_polygons(mask)))
+    return frame
 
 
 def mask_labels(owners: Sequence[int]) -> list[str]:
@@ -254,6 +279,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"prompt must be a non-empty string or list of strings, got {prompts!r}")
     if pcfg.save_probs not in PROB_FORMATS:
         raise ValueError(f"predict.save_probs must be one of {PROB_FORMATS}, got {pcfg.save_probs}")
+    exports = list(pcfg.get("export") or [])
+    if not set(exports) <= set(EXPORT_FORMATS):
+        raise ValueError(f"predict.export: choose from {EXPORT_FORMATS}, got {exports}")
     if pcfg.video_mode not in VIDEO_MODES:
         raise ValueError(f"predict.video_mode must be one of {VIDEO_MODES}, got {pcfg.video_mode}")
     items = discover_inputs(cfg.input, pcfg.sequence, pcfg.video_pattern)
@@ -265,6 +293,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     threshold, source = resolve_threshold(pcfg.threshold, cfg.ckpt_path, meta)
     log.info("threshold %.3f (from %s)", threshold, source)
     answers = to_plain(pcfg.answer)
+    object_names = [object_name(p, i) for i, p in enumerate(prompts)]
+    annotated: list[AnnotatedImage] = []
 
     summary: dict[str, Any] = {
         "checkpoint": str(cfg.ckpt_path),
@@ -280,13 +310,21 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             names, frames = zip(*read_frames(item), strict=True)
             predicted = predict_frames(model, frames, prompts, answers, pcfg)
             records = []
-            for name, image, pred in zip(names, frames, predicted, strict=True):
+            for t, (name, image, pred) in enumerate(zip(names, frames, predicted, strict=True)):
                 labels = mask_labels(pred.owners)
+                if exports:
+                    source = item.images[t].name if item.video is None else f"{name}.png"
+                    annotated.append(
+                        annotated_frame(source, pred.probs, pred.owners, object_names, threshold)
+                    )
                 files = _write_frame(
                     tmp, name, image, pred.probs, labels, threshold, pcfg.save_probs, pcfg.overlays
                 )
                 records.append({"frame": name, "answers": pred.answers, "masks": files})
-            summary["sequences"].append({"name": item.name, "frames": records})
+            summary["sequences"].append({"name": item.name, **item.metadata, "frames": records})
+        summary["exports"] = [
+            str(p.relative_to(tmp)) for p in write_exports(annotated, tmp, exports)
+        ]
         atomic_write_json(tmp / "predictions.json", summary)
     n_frames = sum(len(s["frames"]) for s in summary["sequences"])
     log.info("wrote %d frames of predictions to %s", n_frames, final)

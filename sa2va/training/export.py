@@ -14,6 +14,7 @@ from torch import nn
 
 from sa2va.model.release_layout import release_config, sa2va_to_release, write_release_weights
 from sa2va.model.trained import EXPORT_FORMAT, MLLM_DIR, WEIGHTS, disk_full_error, load_trained
+from sa2va.training.model_card import model_card
 from sa2va.utils import atomic_dir, atomic_write_json, git_sha
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def export(
                 "git_sha": git_sha(),
             }
             atomic_write_json(tmp / "manifest.json", manifest)
+            model_card(source, final, meta, manifest).save(tmp / "README.md")
     except OSError as e:
         if e.errno != errno.ENOSPC:
             raise

@@ -101,7 +101,7 @@ def test_existing_output_dir_is_refused_before_any_work(compose_cfg, tmp_path):
 
 
 def test_video_file_without_a_reader_says_to_extract_frames(tmp_path, monkeypatch):
-    monkeypatch.setattr("sa2va.inference.predict._video_reader_available", lambda: False)
+    monkeypatch.setattr("sa2va.data.readers.available", lambda package: False)
     video = tmp_path / "scan.mp4"
     video.write_bytes(b"\x00" * 16)
     (item,) = discover_inputs(video)

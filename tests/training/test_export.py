@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,23 +15,28 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.checkpoints import lora_checkpoint
-from helpers.configs import FAST_TRAIN
+from helpers.configs import FAST_DATA, FAST_TRAIN
 from helpers.official_fixtures import RELEASE as CHAT
 from helpers.official_fixtures import assert_bit_equal, official_release_state, tiny_sam2_config
+from helpers.trained_fixture import trained  # noqa: F401  (fixture)
+from huggingface_hub import ModelCard, metadata_load
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 import sa2va.model.checkpoints as checkpoints
+from sa2va.evaluation.evaluate import evaluate
 from sa2va.inference.predict import load_model
 from sa2va.model.checkpoints import load_official_sa2va, read_state_dict
 from sa2va.model.releases import release_from_config, release_shapes
 from sa2va.model.sa2va import Sa2VA
 from sa2va.model.trained import load_exported, load_trained
 from sa2va.training.export import export, write_official_release
+from sa2va.training.model_card import release_like
 from sa2va.training.run import train
 from sa2va.utils import CONF_DIR, REPO_ROOT
 
@@ -254,3 +260,42 @@ def test_official_release_names_the_template_the_model_prompts_with(compose_cfg,
     assert (
         json.loads((tmp_path / "override" / "config.json").read_text())["template"] == "qwen_chat"
     )
+
+
+def test_export_carries_a_model_card_with_the_runs_numbers(trained, compose_cfg, tmp_path):  # noqa: F811
+    """README.md: the run's loss and validation numbers, the last eval's CIs, the tuned
+    threshold, the split counts and hash, and metadata the hub library reads back (offline)."""
+    run = Path(shutil.copytree(trained.run_dir, tmp_path / "train_run"))  # eval writes beside it
+    ckpt = run / "checkpoints" / trained.ckpt.name
+    overrides = [*FAST_DATA, "eval.n_boot=50", "eval.num_figures=0", "eval.tune_threshold=true"]
+    evaluation = evaluate(compose_cfg(f"ckpt_path={ckpt}", *overrides, config_name="eval"))
+    export(ckpt, tmp_path / "export")
+    readme = tmp_path / "export" / "README.md"
+    text = readme.read_text()
+
+    card = ModelCard.load(readme)
+    metadata = metadata_load(readme)
+    assert metadata["pipeline_tag"] == "image-segmentation" and "research-only" in metadata["tags"]
+    per_image = evaluation["results"]["default"]["per_image"]
+    assert {(r.metric_type, r.metric_value, r.dataset_split) for r in card.data.eval_results} == {
+        (key, round(per_image[key]["mean"], 4), "test") for key in ("dice", "iou")
+    }
+    for result in evaluation["results"].values():
+        dice = result["per_image"]["dice"]
+        assert f"{dice['mean']:.4f} [{dice['ci_low']:.4f}, {dice['ci_high']:.4f}]" in text
+    assert f"**{evaluation['threshold_tuning']['threshold']:g}**, tuned on the val split" in text
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert f"val/dice {recorded['metrics']['val/dice']:.4f}" in text
+    assert '"name": "bce_dice_lang"' in text and '"w_lang": 0.5' in text
+    dm = instantiate(compose_cfg(*FAST_DATA).data)
+    ids = {s: dm.video_ids(s) for s in ("train", "val", "test")}
+    for split, videos in ids.items():
+        assert f"| {split} | {len(videos)} | {len(dm.records(split))} |" in text
+    assert hashlib.sha256(json.dumps(ids, sort_keys=True).encode()).hexdigest() in text
+    assert "not a medical device" in text and "no official release's shape" in text
+    assert release_like({"name": "sa2va_8b"}) == "ByteDance/Sa2VA-InternVL3-8B"  # shapes
+    assert f"hf upload <user>/export {tmp_path / 'export'} . --repo-type model" in text
+
+    export(run / "checkpoints" / "last.ckpt", tmp_path / "plain")  # never evaluated
+    plain = ModelCard.load(tmp_path / "plain" / "README.md")
+    assert "No `sa2va.eval` of this checkpoint" in plain.text and not plain.data.eval_results
