@@ -244,7 +244,8 @@ def csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def _stat(s: Mapping[str, float], videos: int) -> str:
+def format_stat(s: Mapping[str, float], videos: int) -> str:
+    """``mean ± std [CI]``, or why there is no CI (too few videos: see ``statistics``)."""
     if not s["n"]:
         return "n/a"
     text = f"{s['mean']:.4f} ± {s['std']:.4f}"
@@ -284,8 +285,10 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
             pooled = result.get("pooled", {}).get(key)
             pooled_text = f"{pooled:.4f}" if pooled is not None else ""
             label = f"{METRIC_LABELS[key]} (n={stats['n']})"
-            per_video = _stat(result["per_video"][key], videos)
-            lines.append(f"| {label} | {_stat(stats, videos)} | {per_video} | {pooled_text} |")
+            per_video = format_stat(result["per_video"][key], videos)
+            lines.append(
+                f"| {label} | {format_stat(stats, videos)} | {per_video} | {pooled_text} |"
+            )
         lines += [
             "",
             f"Temporal consistency per video ({result['success_rate']:.1%} of frames have a mask):",
@@ -294,7 +297,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
             "|---|---|",
         ]
         temporal = result["temporal"].items()
-        lines += [f"| {METRIC_LABELS[k]} | {_stat(s, videos)} |" for k, s in temporal]
+        lines += [f"| {METRIC_LABELS[k]} | {format_stat(s, videos)} |" for k, s in temporal]
     lines += [
         "",
         "Per image is the primary aggregation; per video averages each video first; pooled "

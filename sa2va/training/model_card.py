@@ -21,6 +21,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from sa2va.evaluation.evaluate import format_stat
 from sa2va.utils import checkpoint_record
 
 log = logging.getLogger(__name__)
@@ -85,12 +86,6 @@ def data_splits(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _stat(stats: Mapping[str, float]) -> str:
-    if not stats.get("n"):
-        return "n/a"
-    return f"{stats['mean']:.4f} [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}] (n={stats['n']})"
-
-
 def metrics_section(evaluation: Mapping[str, Any] | None, ckpt: Path) -> list[str]:
     if evaluation is None:
         return [
@@ -104,13 +99,18 @@ def metrics_section(evaluation: Mapping[str, Any] | None, ckpt: Path) -> list[st
     lines = [
         f"From `sa2va.eval` on the **{evaluation['split']}** split ({evaluation['n_images']} "
         f"images, {evaluation['n_videos']} videos; `{evaluation['output_dir']}`): per-image "
-        f"mean [{ci}% bootstrap CI].",
+        f"mean ± std [{ci}% CI, a bootstrap over videos].",
         "",
         f"| metric | {header} |",
         "|---|" + "---|" * len(results),
     ]
     for key in CARD_METRICS:
-        cells = [_stat(r["per_image"][key]) for r in results.values() if key in r["per_image"]]
+        videos = evaluation["n_videos"]
+        cells = [
+            format_stat(r["per_image"][key], videos)
+            for r in results.values()
+            if key in r["per_image"]
+        ]
         if cells:
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines
