@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -20,10 +20,15 @@ from sa2va.model.feature_cache import FeatureCache, cached_encoders
 from sa2va.model.mllm import SEG_TOKEN, build_mllm
 from sa2va.model.official import is_sa2va_release, load_release_heads, release_has_sam2
 from sa2va.model.processor import Sa2VAProcessor
+from sa2va.model.protocol import (
+    DEFAULT_ANSWER,
+    SegmentationOutput,
+    batch_to_device,
+    model_device,
+    per_sample,
+)
 from sa2va.model.sam2 import build_sam2, upsample
 from sa2va.utils import to_plain
-
-DEFAULT_ANSWER = "Sure, [SEG]."
 
 
 def build_projector(in_dim: int, out_dim: int, hidden_dim: int | None = None, dropout: float = 0.0):
@@ -35,13 +40,6 @@ def build_projector(in_dim: int, out_dim: int, hidden_dim: int | None = None, dr
         nn.Linear(hidden_dim, out_dim),
         nn.Dropout(dropout),
     )
-
-
-def batch_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move a collated batch's tensors (and its per-sample SAM2 views) to `device`."""
-    moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    moved["g_pixel_values"] = [g.to(device) for g in batch["g_pixel_values"]]
-    return moved
 
 
 def _release_sam2(mllm_path: str | None, sam2_ckpt: str | None) -> bool:
@@ -57,22 +55,15 @@ def _release_sam2(mllm_path: str | None, sam2_ckpt: str | None) -> bool:
     return True
 
 
-@dataclass
-class Sa2VAOutput:
-    lm_loss: Tensor | None
-    pred_masks: list[Tensor]  # per sample: (T, M, H, W) mask logits
-    seg_counts: list[int]  # [SEG] tokens found per sample
-    # per sample: (T, M, h, w) SAM2 low-resolution logits (image_size/4); None for models
-    # without them (the U-Net baseline)
-    low_res_masks: list[Tensor] | None = None
-
-
 class Sa2VA(nn.Module):
     """InternVL + SAM2 joined by the `[SEG]` token; built from plain config mappings.
 
-    `config` is kept verbatim so an export can rebuild the same architecture without any
-    pretrained file (`load_pretrained=False`), then load only the trained weights.
+    Implements the segmentation-model protocol (:mod:`sa2va.model.protocol`): `config` is
+    kept verbatim so an export can rebuild the same architecture without any pretrained file
+    (`load_pretrained=False`), then load only the trained weights.
     """
+
+    oracle_prompt: ClassVar[bool] = False  # prompted by its own [SEG] token
 
     def __init__(
         self,
@@ -212,13 +203,7 @@ class Sa2VA(nn.Module):
         )
         low_res = decoded.low_res_masks[:, 0]
         logits = upsample(low_res, self.processor.mask_size)
-        sizes = [t_len * m for t_len, m in zip(lengths, counts, strict=True)]
-
-        def per_sample(flat: Tensor) -> list[Tensor]:
-            chunks = zip(flat.split(sizes), lengths, counts, strict=True)
-            return [chunk.view(t_len, m, *chunk.shape[-2:]) for chunk, t_len, m in chunks]
-
-        return per_sample(logits), per_sample(low_res)
+        return per_sample(logits, lengths, counts), per_sample(low_res, lengths, counts)
 
     def seg_embeddings(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor, list[int]]:
         """The language half of `forward`: LM loss, projected [SEG] embeddings, counts per sample.
@@ -229,12 +214,12 @@ class Sa2VA(nn.Module):
         embeddings, counts = self._seg_embeddings(hidden, batch["input_ids"])
         return lm_loss, embeddings, counts
 
-    def forward(self, batch: Mapping[str, Any]) -> Sa2VAOutput:
+    def forward(self, batch: Mapping[str, Any]) -> SegmentationOutput:
         with cached_encoders(self, batch):  # frozen encoders reuse per-frame outputs
             lm_loss, embeddings, counts = self.seg_embeddings(batch)
             masks, low_res = self.decode(batch["g_pixel_values"], embeddings, counts)
-        return Sa2VAOutput(
-            lm_loss=lm_loss, pred_masks=masks, seg_counts=counts, low_res_masks=low_res
+        return SegmentationOutput(
+            pred_masks=masks, seg_counts=counts, lm_loss=lm_loss, low_res_masks=low_res
         )
 
     # ---- inference --------------------------------------------------------------------
@@ -271,7 +256,7 @@ class Sa2VA(nn.Module):
         `predict_forward` for the two modes)."""
         if mode not in ("fast", "generate"):
             raise ValueError(f"predict mode must be 'fast' or 'generate', got {mode!r}")
-        device = self.text_hidden_fcs[0].weight.device
+        device = model_device(self)
         if mode == "fast":
             sample = self.processor(frames, prompts, [answer] * len(prompts))
             texts = [answer] * len(prompts)
@@ -280,6 +265,13 @@ class Sa2VA(nn.Module):
         batch = batch_to_device(self.processor.collate([sample]), device)
         batch.pop("labels")
         return batch, texts
+
+    def save_pretrained_files(self, folder: Path) -> None:
+        """InternVL's config, the tokenizer and the image processor: what a rebuild with
+        ``load_pretrained=False`` reads from ``model.mllm.path``."""
+        self.mllm.config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.processor.image_processor.save_pretrained(folder)
 
     def _generate_answers(
         self, frames: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int, device

@@ -11,8 +11,9 @@ from helpers.configs import FAST_TRAIN
 from hydra.utils import instantiate
 from PIL import Image
 
+from sa2va.model.image_processor import ImageProcessor
 from sa2va.model.processor import Sa2VAProcessor
-from sa2va.model.unet import UNetBaseline, UNetProcessor
+from sa2va.model.unet import UNetBaseline
 from sa2va.training.run import train
 
 
@@ -24,7 +25,7 @@ def frames(n: int, size: int = 48) -> list[Image.Image]:
 
 
 def test_processor_gives_sa2va_sam2_view_and_counts_objects():
-    processor = UNetProcessor(image_size=32, mask_size=16)
+    processor = ImageProcessor(image_size=32, mask_size=16)
     clip = frames(2)
     sample = processor(clip, ["segment the vessel", "segment the other"], None)
     reference = Sa2VAProcessor(None, None, 0, sam2_image_size=32).sam2_view(clip[1])
