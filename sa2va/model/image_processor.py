@@ -1,4 +1,4 @@
-"""Image-only processor: frames -> ImageNet-normalised square views; prompts only count objects.
+"""Image-only processor: frames -> ImageNet-normalised square views; the text only counts masks.
 
 Models that read no text (the U-Net and the other baselines of :mod:`sa2va.model.baselines`)
 take this instead of Sa2VA's processor; Sa2VA's processor uses the same view for SAM2, so
@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from sa2va.model.mllm import IMAGENET_MEAN, IMAGENET_STD
+from sa2va.model.mllm import IMAGENET_MEAN, IMAGENET_STD, SEG_TOKEN
 
 
 class ImageProcessor:
-    """One clip -> ``g_pixel_values`` (T, 3, S, S) + ``num_objects`` (one per prompt)."""
+    """One clip -> ``g_pixel_values`` (T, 3, S, S) + ``num_objects`` (masks to predict)."""
 
     def __init__(
         self, image_size: int, mask_size: int | None = None, norm_dtype: torch.dtype = torch.float32
@@ -47,11 +47,14 @@ class ImageProcessor:
         prompts: Sequence[str],
         answers: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """One sample; prompts only count the objects (answers are ignored)."""
-        return {
-            "g_pixel_values": torch.stack([self.view(f) for f in frames]),
-            "num_objects": len(prompts),
-        }
+        """One sample with one mask per ``[SEG]`` of the conversation, as Sa2VA gives (one
+        per prompt without answers); the words themselves are not read."""
+        if answers is None:
+            masks = len(prompts)
+        else:
+            turns = zip(prompts, answers, strict=True)
+            masks = sum(p.count(SEG_TOKEN) + a.count(SEG_TOKEN) for p, a in turns)
+        return {"g_pixel_values": torch.stack([self.view(f) for f in frames]), "num_objects": masks}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
         """Per-sample lists (clips may differ in length), as Sa2VA's ``g_pixel_values``."""

@@ -32,7 +32,7 @@ def test_processor_gives_sa2va_sam2_view_and_counts_objects():
     assert sample["g_pixel_values"].shape == (2, 3, 32, 32)
     torch.testing.assert_close(sample["g_pixel_values"][1], reference)
     assert sample["num_objects"] == 2 and processor.mask_size == 16
-    batch = processor.collate([sample, processor(frames(1), ["p"], ["a"])])
+    batch = processor.collate([sample, processor(frames(1), ["p"], ["Sure, [SEG]."])])
     assert [t.shape[0] for t in batch["g_pixel_values"]] == [2, 1]
     assert batch["num_objects"] == [2, 1]
 

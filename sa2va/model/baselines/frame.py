@@ -71,9 +71,9 @@ class ImageSegmenter(nn.Module):
                 f"mode={mode!r}: {type(self).__name__} has no language model to generate an "
                 "answer; use mode=fast"
             )
-        sample = self.processor(frames, prompts)
-        batch = batch_to_device(self.processor.collate([sample]), model_device(self))
-        return batch, [answer] * len(prompts)
+        answers = [answer] * len(prompts)
+        sample = self.processor(frames, prompts, answers)
+        return batch_to_device(self.processor.collate([sample]), model_device(self)), answers
 
     @torch.no_grad()
     def predict_forward(
