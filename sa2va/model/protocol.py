@@ -107,6 +107,24 @@ class SegmentationModel(Protocol):
         ...
 
 
+class ClipPredictor:
+    """``predict_forward`` from a model's ``prepare_inputs`` and ``forward``: one clip's masks."""
+
+    @torch.no_grad()
+    def predict_forward(
+        self,
+        frames: Sequence[Image.Image],
+        prompts: Sequence[str],
+        mode: str = "fast",
+        answer: str = DEFAULT_ANSWER,
+        max_new_tokens: int = 32,
+    ) -> dict[str, Any]:
+        """Answer texts and mask logits (T, M, H, W) for one clip (modes: ``prepare_inputs``)."""
+        batch, texts = self.prepare_inputs(frames, prompts, mode, answer, max_new_tokens)
+        out = self(batch)
+        return {"text": texts, "masks": out.pred_masks[0], "seg_count": out.seg_counts[0]}
+
+
 def per_sample(flat: Tensor, lengths: Sequence[int], counts: Sequence[int]) -> list[Tensor]:
     """(sum T*M, H, W) masks, frames first then objects -> per sample (T, M, H, W)."""
     sizes = [t * m for t, m in zip(lengths, counts, strict=True)]

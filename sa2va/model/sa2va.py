@@ -22,6 +22,7 @@ from sa2va.model.official import is_sa2va_release, load_release_heads, release_h
 from sa2va.model.processor import Sa2VAProcessor
 from sa2va.model.protocol import (
     DEFAULT_ANSWER,
+    ClipPredictor,
     SegmentationOutput,
     batch_to_device,
     model_device,
@@ -55,7 +56,7 @@ def _release_sam2(mllm_path: str | None, sam2_ckpt: str | None) -> bool:
     return True
 
 
-class Sa2VA(nn.Module):
+class Sa2VA(ClipPredictor, nn.Module):
     """InternVL + SAM2 joined by the `[SEG]` token; built from plain config mappings.
 
     Implements the segmentation-model protocol (:mod:`sa2va.model.protocol`): `config` is
@@ -224,26 +225,6 @@ class Sa2VA(nn.Module):
 
     # ---- inference --------------------------------------------------------------------
     @torch.no_grad()
-    def predict_forward(
-        self,
-        frames: Sequence[Image.Image],
-        prompts: Sequence[str],
-        mode: str = "fast",
-        answer: str = DEFAULT_ANSWER,
-        max_new_tokens: int = 32,
-    ) -> dict[str, Any]:
-        """Answer text and mask logits (T, M, H, W) for one clip.
-
-        `fast` appends the fixed `answer` and runs one forward pass; `generate` decodes
-        the answer autoregressively (as the official model does), then reads the [SEG]
-        states from one forward pass over the generated sequence — so both modes give
-        identical masks whenever the generated answer equals `answer`.
-        """
-        batch, texts = self.prepare_inputs(frames, prompts, mode, answer, max_new_tokens)
-        out = self(batch)
-        return {"text": texts, "masks": out.pred_masks[0], "seg_count": out.seg_counts[0]}
-
-    @torch.no_grad()
     def prepare_inputs(
         self,
         frames: Sequence[Image.Image],
@@ -252,8 +233,13 @@ class Sa2VA(nn.Module):
         answer: str = DEFAULT_ANSWER,
         max_new_tokens: int = 32,
     ) -> tuple[dict[str, Any], list[str]]:
-        """One clip as an on-device batch without labels, plus its answer texts (see
-        `predict_forward` for the two modes)."""
+        """One clip as an on-device batch without labels, plus its answer texts.
+
+        `fast` appends the fixed `answer` (one forward pass then reads its [SEG] states);
+        `generate` decodes the answer autoregressively (as the official model does), and the
+        [SEG] states come from one forward pass over the generated sequence — so both modes
+        give identical masks whenever the generated answer equals `answer`.
+        """
         if mode not in ("fast", "generate"):
             raise ValueError(f"predict mode must be 'fast' or 'generate', got {mode!r}")
         device = model_device(self)

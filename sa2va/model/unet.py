@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from monai.networks.nets import UNet
-from torch import Tensor
 
 from sa2va.model.baselines.frame import FrameSegmenter, recorded_config
 
@@ -40,6 +39,3 @@ class UNetBaseline(FrameSegmenter):
             num_res_units=num_res_units,
             dropout=dropout,
         )
-
-    def frame_logits(self, images: Tensor) -> Tensor:
-        return self.net(images)[:, 0]

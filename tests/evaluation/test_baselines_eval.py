@@ -1,5 +1,5 @@
 """Every row trains through ``train()``, then ``sa2va.eval`` and ``sa2va.predict`` run on its
-checkpoint with the same metric definitions as on a Sa2VA checkpoint."""
+checkpoint with the same metric definitions as on a Sa2VA checkpoint, and it exports."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from helpers.baselines import TINY_ROWS
 from helpers.configs import FAST_DATA, FAST_TRAIN
 from helpers.trained_fixture import trained  # noqa: F401  (fixture)
@@ -18,6 +19,8 @@ from omegaconf import open_dict
 
 from sa2va.evaluation.evaluate import evaluate
 from sa2va.inference.predict import predict
+from sa2va.model.trained import MLLM_DIR, load_exported, load_trained
+from sa2va.training.export import export
 from sa2va.training.run import train
 
 
@@ -49,7 +52,9 @@ def sa2va_result(trained, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("row", sorted(TINY_ROWS))
-def test_row_trains_evaluates_and_predicts_like_sa2va(row, compose_cfg, sa2va_result, tmp_path):
+def test_row_trains_evaluates_predicts_and_exports_like_sa2va(
+    row, compose_cfg, sa2va_result, tmp_path
+):
     trained_cfg = compose_cfg(f"model={row}", *TINY_ROWS[row], *FAST_TRAIN)
     summary = train(run_in(trained_cfg, tmp_path / "train"))
     assert summary["status"] == "completed" and summary["ablation"]["model.name"] == row
@@ -66,6 +71,12 @@ def test_row_trains_evaluates_and_predicts_like_sa2va(row, compose_cfg, sa2va_re
     reference = json.loads((sa2va_result["out"] / "metrics.json").read_text())
     assert key_tree(written["results"]) == key_tree(reference["results"])
     assert written["n_images"] == reference["n_images"]
+
+    manifest = export(ckpt, tmp_path / "export")  # the project format, from config alone
+    assert manifest["lora"] == "none" and not (tmp_path / "export" / MLLM_DIR).exists()
+    exported, (from_ckpt, _) = load_exported(tmp_path / "export"), load_trained(ckpt)
+    assert exported.state_dict().keys() == from_ckpt.state_dict().keys()
+    assert all(torch.equal(v, from_ckpt.state_dict()[k]) for k, v in exported.state_dict().items())
 
     records = instantiate(compose_cfg(*FAST_DATA).data).records("test")[:2]
     frames = tmp_path / "frames"

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from monai.networks.nets import AttentionUnet
-from torch import Tensor
 
 from sa2va.model.baselines.frame import FrameSegmenter, recorded_config
 
@@ -36,6 +35,3 @@ class AttentionUNetBaseline(FrameSegmenter):
             strides=tuple(strides),
             dropout=dropout,
         )
-
-    def frame_logits(self, images: Tensor) -> Tensor:
-        return self.net(images)[:, 0]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from sa2va.model.image_processor import ImageProcessor
 from sa2va.model.protocol import (
     DEFAULT_ANSWER,
+    ClipPredictor,
     SegmentationOutput,
     batch_to_device,
     model_device,
@@ -39,7 +40,7 @@ def recorded_config(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(kept, default=to_plain))  # OmegaConf nodes from Hydra
 
 
-class ImageSegmenter(nn.Module):
+class ImageSegmenter(ClipPredictor, nn.Module):
     """The protocol's processor, inference and export for a model without a language model.
 
     A subclass defines ``forward(batch) -> SegmentationOutput`` on the image-only batch
@@ -75,30 +76,18 @@ class ImageSegmenter(nn.Module):
         sample = self.processor(frames, prompts, answers)
         return batch_to_device(self.processor.collate([sample]), model_device(self)), answers
 
-    @torch.no_grad()
-    def predict_forward(
-        self,
-        frames: Sequence[Image.Image],
-        prompts: Sequence[str],
-        mode: str = "fast",
-        answer: str = DEFAULT_ANSWER,
-        max_new_tokens: int = 32,
-    ) -> dict[str, Any]:
-        """Answer texts and mask logits (T, M, H, W) for one clip (as Sa2VA's)."""
-        batch, texts = self.prepare_inputs(frames, prompts, mode, answer, max_new_tokens)
-        out = self(batch)
-        return {"text": texts, "masks": out.pred_masks[0], "seg_count": out.seg_counts[0]}
-
     def save_pretrained_files(self, folder: Path) -> None:
         """Nothing to write: the recorded config rebuilds the whole architecture."""
 
 
 class FrameSegmenter(ImageSegmenter):
-    """An image-only model with one class-agnostic mask per frame: define :meth:`frame_logits`."""
+    """An image-only model with one class-agnostic mask per frame: set ``self.net`` (one output
+    channel) or define :meth:`frame_logits`."""
 
     def frame_logits(self, images: Tensor) -> Tensor:
-        """(N, 3, S, S) normalised frames -> (N, h, w) foreground logits at any h, w."""
-        raise NotImplementedError(f"{type(self).__name__} must define frame_logits")
+        """(N, 3, S, S) normalised frames -> (N, h, w) foreground logits at any h, w; by
+        default those of ``self.net``, a network with one output channel."""
+        return self.net(images)[:, 0]
 
     def forward(self, batch: Mapping[str, Any]) -> SegmentationOutput:
         """Per sample (T, M, S, S) logits: the frame's one mask repeated for its M objects."""
