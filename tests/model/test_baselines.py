@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from helpers.baselines import TINY_ROWS
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import Tensor, nn
 
@@ -128,3 +131,17 @@ def test_a_new_baseline_is_one_class_and_gets_inference_from_the_protocol():
         model.predict_forward(frames(1), ["a"], mode="generate")
     with pytest.raises(ValueError, match="propagate prompts SAM2's memory"):
         segment_video(model, frames(2), ["a"], video_mode="propagate")
+
+
+def test_experiment_baselines_trains_every_row_on_the_same_data_loss_and_trainer(compose_cfg):
+    sweep = compose_cfg("experiment=baselines")
+    assert sweep.hydra.mode.name == "MULTIRUN"
+    rows = str(sweep.hydra.sweeper.params.model).split(",")
+    assert set(rows) == {"sa2va_tiny", *TINY_ROWS}
+    shared = set()
+    for row in rows:
+        cfg = compose_cfg("experiment=baselines", f"model={row}")
+        assert cfg.model.name == row and cfg.optim.name == "scratch"
+        same = {key: OmegaConf.to_container(cfg[key]) for key in ("data", "loss", "trainer")}
+        shared.add(json.dumps(same, sort_keys=True, default=str))
+    assert len(shared) == 1
