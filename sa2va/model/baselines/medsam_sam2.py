@@ -83,7 +83,9 @@ class MedSAMBaseline(ImageSegmenter):
 
             load_sam2_checkpoint(self.sam2, sam2_ckpt)
 
-    def prompt_boxes(self, masks: Sequence[Tensor] | None, lengths: Sequence[int], counts):
+    def prompt_boxes(
+        self, masks: Sequence[Tensor] | None, lengths: Sequence[int], counts: Sequence[int]
+    ) -> Tensor:
         """(K, 4) boxes in SAM2 input pixels, one per (frame, object), frames first."""
         size = self.sam2.image_size
         if masks is None:  # no ground truth: the whole frame
@@ -102,11 +104,9 @@ class MedSAMBaseline(ImageSegmenter):
         images = torch.cat(frames)
         features = self.sam2.image_features(images)
         # the frame of each (frame, object) prompt, frames first (as per_sample reads them)
-        frame_index = torch.arange(len(images), device=images.device).repeat_interleave(
-            torch.tensor([m for t, m in zip(lengths, counts, strict=True) for _ in range(t)]).to(
-                images.device
-            )
-        )
+        objects_per_frame = torch.tensor(counts).repeat_interleave(torch.tensor(lengths))
+        frame_index = torch.arange(len(images)).repeat_interleave(objects_per_frame)
+        frame_index = frame_index.to(images.device)
         boxes = self.prompt_boxes(batch.get("masks"), lengths, counts).to(images.device)
         corners = boxes.view(-1, 2, 2)
         labels = torch.tensor([BOX_CORNER_LABELS], device=images.device).expand(len(boxes), -1)
