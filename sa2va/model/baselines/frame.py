@@ -1,10 +1,10 @@
 """The shared body of the image-only baselines: the model protocol without a language model.
 
-:class:`ImageSegmenter` gives a model the image-only processor, inference that ignores the
-prompt's words (each prompt owns one mask) and export (:mod:`sa2va.model.protocol`); a
-:class:`FrameSegmenter` subclass supplies only its network (:meth:`FrameSegmenter.frame_logits`):
-one class-agnostic mask per frame, handed to every prompted object of the sample (OCT vessel
-data has one object, "blood vessel").
+:class:`ImageSegmenter` gives a model (:mod:`sa2va.model.protocol`) the image-only processor,
+inference that ignores the prompt's words (one mask per ``[SEG]`` of the conversation) and
+export; a :class:`FrameSegmenter` subclass supplies only its network
+(:meth:`FrameSegmenter.frame_logits`): one class-agnostic mask per frame, handed to every
+``[SEG]`` of the sample (OCT vessel data has one object, "blood vessel").
 """
 
 from __future__ import annotations
