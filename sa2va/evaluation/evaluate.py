@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -36,7 +37,7 @@ from sa2va.inference.predict import (
     save_tuned_threshold,
 )
 from sa2va.inference.video import predict_frames
-from sa2va.model.sa2va import Sa2VA
+from sa2va.model.protocol import SegmentationModel
 from sa2va.overrides import hydra_overrides
 from sa2va.utils import (
     atomic_write_bytes,
@@ -136,9 +137,12 @@ class VideoResult:
 
 
 def predict_videos(
-    model: Sa2VA, dm: OCTDataModule, split: str, ecfg: DictConfig
+    model: SegmentationModel, dm: OCTDataModule, split: str, ecfg: DictConfig
 ) -> Iterator[VideoResult]:
-    """Run the model over every whole video of ``split`` (masks at each image's own size)."""
+    """Run the model over every whole video of ``split`` (masks at each image's own size).
+
+    A model prompted from the ground truth (``oracle_prompt``: MedSAM's box) is given it.
+    """
     videos = dm.videos(split)
     if not videos:
         raise ValueError(f"split {split!r} has no videos")
@@ -149,9 +153,15 @@ def predict_videos(
             objects = objects or list(dm.category_names.values())
             prompts, answers = conversation(dm.prompt_template, dm.answer_template, objects)
             frames = [load_rgb(r.image_path) for r in records]
-            predicted = predict_frames(model, frames, prompts, answers, ecfg)
-            probs, gts, missing = [], [], 0
-            for record, frame, pred in zip(records, frames, predicted, strict=True):
+            gts = [
+                np.stack([r.mask(n, (f.height, f.width)) for n in objects])
+                for r, f in zip(records, frames, strict=True)
+            ]
+            # a model prompted from the ground truth (MedSAM's box) is given it
+            prompt_masks = [torch.from_numpy(g) for g in gts] if model.oracle_prompt else None
+            predicted = predict_frames(model, frames, prompts, answers, ecfg, prompt_masks)
+            probs, missing = [], 0
+            for frame, pred in zip(frames, predicted, strict=True):
                 hw = (frame.height, frame.width)
                 per_object = []
                 for j in range(len(objects)):
@@ -161,12 +171,11 @@ def predict_videos(
                         per_object.append(np.zeros(hw, np.float32))
                         missing += 1
                 probs.append(np.stack(per_object))
-                gts.append(np.stack([record.mask(n, hw) for n in objects]))
             bar.update(len(records))
             yield VideoResult(video_id, records, objects, probs, gts, missing)
 
 
-def tune_on_val(model: Sa2VA, dm: OCTDataModule, ecfg: DictConfig) -> dict[str, Any]:
+def tune_on_val(model: SegmentationModel, dm: OCTDataModule, ecfg: DictConfig) -> dict[str, Any]:
     """Threshold maximising the mean per-image ``eval.tune_metric`` on the validation split."""
     probs, gts = [], []
     for video in predict_videos(model, dm, "val", ecfg):
@@ -264,6 +273,11 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
         f"- video mode: {summary['video_mode']}, answer mode: {summary['mode']}",
         f"- git: {summary['git_sha']}",
     ]
+    if summary.get("oracle_prompt"):
+        lines.append(
+            "- prompt: the ground-truth mask's bounding box (an oracle prompt: an upper "
+            "reference, not a result a user without the ground truth could get)"
+        )
     tuning = summary.get("threshold_tuning")
     if tuning:
         lines.append(
@@ -425,6 +439,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     with run_record(out_dir / "metrics.json", summary):
         model, meta = load_model(cfg.ckpt_path, resolve_device(ecfg.device))
+        summary["model_class"] = meta.get("model_class")
+        summary["oracle_prompt"] = model.oracle_prompt  # prompted from the ground truth
         dm = instantiate(cfg.data)
         dm.processor = model.processor
         summary["data_check"] = check_data(

@@ -26,7 +26,13 @@ from PIL import Image
 from torch import Tensor
 
 from sa2va.model.mllm import SEG_TOKEN
-from sa2va.model.sa2va import DEFAULT_ANSWER, Sa2VA, batch_to_device
+from sa2va.model.protocol import (
+    DEFAULT_ANSWER,
+    SegmentationModel,
+    batch_to_device,
+    model_device,
+)
+from sa2va.model.sa2va import Sa2VA
 from sa2va.model.sam2 import upsample
 
 VideoMode = Literal["per_frame", "propagate"]
@@ -70,14 +76,19 @@ def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
 
 
 def _clip_batch(
-    model: Sa2VA,
+    model: SegmentationModel,
     clips: list[list[Image.Image]],
     prompts: Sequence[str],
     answers: list[str],
     mode: str,
     max_new_tokens: int,
+    prompt_masks: list[Tensor] | None = None,
 ) -> tuple[dict[str, Any], list[list[str]]]:
-    """On-device batch of clips with fixed answers (fast), or of one clip with generated ones."""
+    """On-device batch of clips with fixed answers (fast), or of one clip with generated ones.
+
+    ``prompt_masks`` (per clip (T, M, H, W) ground truth) go in as ``masks`` for a model
+    prompted from the ground truth (``oracle_prompt``).
+    """
     if mode == "generate":
         if len(clips) != 1:
             raise ValueError("generate mode decodes one clip at a time")
@@ -88,16 +99,17 @@ def _clip_batch(
     if mode != "fast":
         raise ValueError(f"mode must be 'fast' or 'generate', got {mode!r}")
     samples = [model.processor(clip, prompts, answers) for clip in clips]
-    batch = batch_to_device(
-        model.processor.collate(samples), model.text_hidden_fcs[0].weight.device
-    )
-    batch.pop("labels")
+    batch = model.processor.collate(samples)
+    if prompt_masks is not None:
+        batch["masks"] = prompt_masks
+    batch = batch_to_device(batch, model_device(model))
+    batch.pop("labels", None)
     return batch, [answers] * len(clips)
 
 
 @torch.no_grad()
 def segment_video(
-    model: Sa2VA,
+    model: SegmentationModel,
     frames: Sequence[Image.Image],
     prompts: Sequence[str],
     answers: str | Sequence[str] = DEFAULT_ANSWER,
@@ -107,6 +119,7 @@ def segment_video(
     batch_size: int = 4,
     max_new_tokens: int = 32,
     memory_dtype: str | None = "bfloat16",
+    prompt_masks: Sequence[Tensor] | None = None,
 ) -> VideoPrediction:
     """Mask logits for every frame of a sequence (a single image is a one-frame sequence).
 
@@ -116,7 +129,9 @@ def segment_video(
     ``propagate`` only: ``key_frames``, the first frames shown to the MLLM and prompted by
     [SEG] (None: the model's ``mllm_frames``, the official 5; at most that many), and
     ``memory_dtype``, the precision SAM2's memories are stored in (official: bfloat16;
-    None keeps them exact). Call on a model in eval mode.
+    None keeps them exact). ``prompt_masks``: per frame (M, H, W) ground truth, which a
+    model with ``oracle_prompt`` is prompted from (``per_frame`` only). Call on a model in
+    eval mode.
     """
     if video_mode not in VIDEO_MODES:
         raise ValueError(f"video_mode must be one of {VIDEO_MODES}, got {video_mode!r}")
@@ -124,12 +139,8 @@ def segment_video(
         raise ValueError("need at least one frame and one prompt")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    mllm_frames = model.processor.mllm_frames
-    if key_frames is not None and not 1 <= key_frames <= mllm_frames:
-        raise ValueError(
-            f"key_frames must be in [1, {mllm_frames}] (the frames the MLLM sees, "
-            f"model.mllm_frames) or None, got {key_frames}"
-        )
+    if video_mode == "propagate":
+        _check_propagate(model, key_frames)
     if memory_dtype is not None and not isinstance(getattr(torch, memory_dtype, None), torch.dtype):
         raise ValueError(
             f"memory_dtype must name a torch dtype (bfloat16) or be None, got {memory_dtype!r}"
@@ -152,10 +163,28 @@ def segment_video(
     step = 1 if mode == "generate" else batch_size
     for chunk in _chunks(range(len(frames)), step):
         clips = [[frames[t]] for t in chunk]
-        batch, chunk_texts = _clip_batch(model, clips, prompts, answer_list, mode, max_new_tokens)
+        masks = None if prompt_masks is None else [prompt_masks[t][None] for t in chunk]
+        batch, chunk_texts = _clip_batch(
+            model, clips, prompts, answer_list, mode, max_new_tokens, masks
+        )
         logits += [masks[0] for masks in model(batch).pred_masks]
         texts += chunk_texts
     return VideoPrediction(logits=logits, answers=texts)
+
+
+def _check_propagate(model: SegmentationModel, key_frames: int | None) -> None:
+    """Propagation is Sa2VA's ([SEG] prompts SAM2's memory tracker); key frames it can show."""
+    if not isinstance(model, Sa2VA):
+        raise ValueError(
+            f"video_mode=propagate prompts SAM2's memory with Sa2VA's [SEG] embeddings; "
+            f"{type(model).__name__} has none: use video_mode=per_frame"
+        )
+    mllm_frames = model.processor.mllm_frames
+    if key_frames is not None and not 1 <= key_frames <= mllm_frames:
+        raise ValueError(
+            f"key_frames must be in [1, {mllm_frames}] (the frames the MLLM sees, "
+            f"model.mllm_frames) or None, got {key_frames}"
+        )
 
 
 def _propagate(
@@ -212,13 +241,14 @@ def predict_frames(
     prompts: Sequence[str],
     answers: str | Sequence[str],
     options: Mapping[str, Any],
+    prompt_masks: Sequence[Tensor] | None = None,
 ) -> Iterator[FramePrediction]:
     """:func:`segment_video`, then each frame's probabilities at the frame's own size and the
     prompt that owns each mask: what evaluation scores and prediction writes. ``options`` is
     a config section (``eval``, ``predict``); its :data:`VIDEO_OPTIONS` go to
-    :func:`segment_video`."""
+    :func:`segment_video`, and so do ``prompt_masks`` (for oracle-prompted models)."""
     chosen = {key: options[key] for key in VIDEO_OPTIONS if key in options}
-    pred = segment_video(model, frames, prompts, answers, **chosen)
+    pred = segment_video(model, frames, prompts, answers, **chosen, prompt_masks=prompt_masks)
     for logits, texts, frame in zip(pred.logits, pred.answers, frames, strict=True):
         probs = probabilities(logits, (frame.height, frame.width)).cpu().numpy()
         yield FramePrediction(probs, texts, seg_owners(prompts, texts))

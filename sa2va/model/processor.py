@@ -20,10 +20,9 @@ from PIL import Image
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from sa2va.model.image_processor import ImageProcessor
 from sa2va.model.mllm import (
     CHAT_TEMPLATES,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
@@ -70,8 +69,7 @@ class Sa2VAProcessor:
         self.mllm_frames = mllm_frames
         self.system_prompt = system_prompt
         norm_dtype = torch.bfloat16 if sam2_bf16_norm else torch.float32
-        self._sam2_mean = torch.tensor(IMAGENET_MEAN, dtype=norm_dtype).float().view(3, 1, 1)
-        self._sam2_std = torch.tensor(IMAGENET_STD, dtype=norm_dtype).float().view(3, 1, 1)
+        self.sam2_images = ImageProcessor(sam2_image_size, mask_size, norm_dtype)
 
     def sam2_view(self, frame: Image.Image) -> Tensor:
         """Resize + ImageNet-normalise for SAM2 (its own transforms need torchvision).
@@ -80,10 +78,7 @@ class Sa2VAProcessor:
         ``sam2_bf16_norm`` the mean/std are rounded to bfloat16 first, as the official HF
         inference does (``preprocess_image``'s default dtype), e.g. 0.485 -> 0.484375.
         """
-        size = self.sam2_image_size
-        resized = frame.convert("RGB").resize((size, size), Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
-        return (pixels.permute(2, 0, 1) - self._sam2_mean) / self._sam2_std
+        return self.sam2_images.view(frame)
 
     def image_text(self, tiles_per_frame: Sequence[int]) -> str:
         """`<img>` + context tokens + `</img>` per frame, joined by `\n` (no frame labels)."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
@@ -20,10 +20,16 @@ from sa2va.model.feature_cache import FeatureCache, cached_encoders
 from sa2va.model.mllm import SEG_TOKEN, build_mllm, image_embeddings
 from sa2va.model.official import is_sa2va_release, load_release_heads, release_has_sam2
 from sa2va.model.processor import Sa2VAProcessor
+from sa2va.model.protocol import (
+    DEFAULT_ANSWER,
+    ClipPredictor,
+    SegmentationOutput,
+    batch_to_device,
+    model_device,
+    per_sample,
+)
 from sa2va.model.sam2 import build_sam2, upsample
 from sa2va.utils import to_plain
-
-DEFAULT_ANSWER = "Sure, [SEG]."
 
 
 def build_projector(in_dim: int, out_dim: int, hidden_dim: int | None = None, dropout: float = 0.0):
@@ -35,13 +41,6 @@ def build_projector(in_dim: int, out_dim: int, hidden_dim: int | None = None, dr
         nn.Linear(hidden_dim, out_dim),
         nn.Dropout(dropout),
     )
-
-
-def batch_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move a collated batch's tensors (and its per-sample SAM2 views) to `device`."""
-    moved = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    moved["g_pixel_values"] = [g.to(device) for g in batch["g_pixel_values"]]
-    return moved
 
 
 def _release_sam2(mllm_path: str | None, sam2_ckpt: str | None) -> bool:
@@ -57,22 +56,15 @@ def _release_sam2(mllm_path: str | None, sam2_ckpt: str | None) -> bool:
     return True
 
 
-@dataclass
-class Sa2VAOutput:
-    lm_loss: Tensor | None
-    pred_masks: list[Tensor]  # per sample: (T, M, H, W) mask logits
-    seg_counts: list[int]  # [SEG] tokens found per sample
-    # per sample: (T, M, h, w) SAM2 low-resolution logits (image_size/4); None for models
-    # without them (the U-Net baseline)
-    low_res_masks: list[Tensor] | None = None
-
-
-class Sa2VA(nn.Module):
+class Sa2VA(ClipPredictor, nn.Module):
     """InternVL + SAM2 joined by the `[SEG]` token; built from plain config mappings.
 
-    `config` is kept verbatim so an export can rebuild the same architecture without any
-    pretrained file (`load_pretrained=False`), then load only the trained weights.
+    Implements the segmentation-model protocol (:mod:`sa2va.model.protocol`): `config` is
+    kept verbatim so an export can rebuild the same architecture without any pretrained file
+    (`load_pretrained=False`), then load only the trained weights.
     """
+
+    oracle_prompt: ClassVar[bool] = False  # prompted by its own [SEG] token
 
     def __init__(
         self,
@@ -230,13 +222,7 @@ class Sa2VA(nn.Module):
         )
         low_res = decoded.low_res_masks[:, 0]
         logits = upsample(low_res, self.processor.mask_size)
-        sizes = [t_len * m for t_len, m in zip(lengths, counts, strict=True)]
-
-        def per_sample(flat: Tensor) -> list[Tensor]:
-            chunks = zip(flat.split(sizes), lengths, counts, strict=True)
-            return [chunk.view(t_len, m, *chunk.shape[-2:]) for chunk, t_len, m in chunks]
-
-        return per_sample(logits), per_sample(low_res)
+        return per_sample(logits, lengths, counts), per_sample(low_res, lengths, counts)
 
     def seg_embeddings(
         self, batch: Mapping[str, Any], vision: Callable[[Tensor], Tensor] | None = None
@@ -250,35 +236,15 @@ class Sa2VA(nn.Module):
         embeddings, counts = self._seg_embeddings(hidden, batch["input_ids"])
         return lm_loss, embeddings, counts
 
-    def forward(self, batch: Mapping[str, Any]) -> Sa2VAOutput:
+    def forward(self, batch: Mapping[str, Any]) -> SegmentationOutput:
         cached = cached_encoders(self, batch)  # frozen encoders reuse per-frame outputs
         lm_loss, embeddings, counts = self.seg_embeddings(batch, cached.vision)
         masks, low_res = self.decode(batch["g_pixel_values"], embeddings, counts, cached.sam2)
-        return Sa2VAOutput(
-            lm_loss=lm_loss, pred_masks=masks, seg_counts=counts, low_res_masks=low_res
+        return SegmentationOutput(
+            pred_masks=masks, seg_counts=counts, lm_loss=lm_loss, low_res_masks=low_res
         )
 
     # ---- inference --------------------------------------------------------------------
-    @torch.no_grad()
-    def predict_forward(
-        self,
-        frames: Sequence[Image.Image],
-        prompts: Sequence[str],
-        mode: str = "fast",
-        answer: str = DEFAULT_ANSWER,
-        max_new_tokens: int = 32,
-    ) -> dict[str, Any]:
-        """Answer text and mask logits (T, M, H, W) for one clip.
-
-        `fast` appends the fixed `answer` and runs one forward pass; `generate` decodes
-        the answer autoregressively (as the official model does), then reads the [SEG]
-        states from one forward pass over the generated sequence — so both modes give
-        identical masks whenever the generated answer equals `answer`.
-        """
-        batch, texts = self.prepare_inputs(frames, prompts, mode, answer, max_new_tokens)
-        out = self(batch)
-        return {"text": texts, "masks": out.pred_masks[0], "seg_count": out.seg_counts[0]}
-
     @torch.no_grad()
     def prepare_inputs(
         self,
@@ -288,11 +254,16 @@ class Sa2VA(nn.Module):
         answer: str = DEFAULT_ANSWER,
         max_new_tokens: int = 32,
     ) -> tuple[dict[str, Any], list[str]]:
-        """One clip as an on-device batch without labels, plus its answer texts (see
-        `predict_forward` for the two modes)."""
+        """One clip as an on-device batch without labels, plus its answer texts.
+
+        `fast` appends the fixed `answer` (one forward pass then reads its [SEG] states);
+        `generate` decodes the answer autoregressively (as the official model does), and the
+        [SEG] states come from one forward pass over the generated sequence — so both modes
+        give identical masks whenever the generated answer equals `answer`.
+        """
         if mode not in ("fast", "generate"):
             raise ValueError(f"predict mode must be 'fast' or 'generate', got {mode!r}")
-        device = self.text_hidden_fcs[0].weight.device
+        device = model_device(self)
         if mode == "fast":
             sample = self.processor(frames, prompts, [answer] * len(prompts))
             texts = [answer] * len(prompts)
@@ -301,6 +272,13 @@ class Sa2VA(nn.Module):
         batch = batch_to_device(self.processor.collate([sample]), device)
         batch.pop("labels")
         return batch, texts
+
+    def save_pretrained_files(self, folder: Path) -> None:
+        """InternVL's config, the tokenizer and the image processor: what a rebuild with
+        ``load_pretrained=False`` reads from ``model.mllm.path``."""
+        self.mllm.config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.processor.image_processor.save_pretrained(folder)
 
     def _generate_answers(
         self, frames: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int, device

@@ -167,7 +167,7 @@ def build_untrained(info: Mapping[str, Any], mllm_path: str | None = None) -> nn
     if not model_class.startswith("sa2va."):
         raise ValueError(f"model class {model_class!r} is not one of this project's (sa2va.*)")
     config = dict(info["model"])
-    if mllm_path is not None:
+    if mllm_path is not None and "mllm" in config:  # models without an InternVL have none
         config["mllm"] = {**config["mllm"], "path": mllm_path}
     path = (config.get("mllm") or {}).get("path")  # models without an MLLM have none
     if path is not None and not Path(path).expanduser().is_dir():
@@ -217,19 +217,22 @@ MLLM_DIR = "mllm"
 
 
 def load_exported(path: str | Path) -> nn.Module:
-    """The exported model (eval mode, CPU): architecture from ``config.json`` and ``mllm/``
-    with ``load_pretrained=False``, every weight of ``model.safetensors`` loaded strictly."""
+    """The exported model (eval mode, CPU): architecture from ``config.json`` (and ``mllm/``
+    when the model has an InternVL) with ``load_pretrained=False``, every weight of
+    ``model.safetensors`` loaded strictly."""
     from safetensors.torch import load_model
 
     folder = Path(path).expanduser()
-    for name in ("config.json", "manifest.json", WEIGHTS, MLLM_DIR):
+    for name in ("config.json", "manifest.json", WEIGHTS):
         if not (folder / name).exists():
             raise FileNotFoundError(f"{folder}: not a sa2va export (no {name})")
     manifest = json.loads((folder / "manifest.json").read_text())
     if manifest.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{folder}: export format {manifest.get('format')!r}, not {EXPORT_FORMAT}")
     config = json.loads((folder / "config.json").read_text())
-    model = build_untrained(config, mllm_path=str(folder / MLLM_DIR))
+    # the InternVL files of models that have one (``save_pretrained_files``)
+    mllm_dir = folder / MLLM_DIR
+    model = build_untrained(config, mllm_path=str(mllm_dir) if mllm_dir.is_dir() else None)
     missing, unexpected = load_model(model, folder / WEIGHTS, strict=False)
     report = LoadReport(
         str(folder / WEIGHTS), missing=sorted(missing), unexpected=sorted(unexpected)

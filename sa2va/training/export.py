@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from sa2va.model.release_layout import release_config, sa2va_to_release, write_release_weights
+from sa2va.model.sa2va import Sa2VA
 from sa2va.model.trained import EXPORT_FORMAT, MLLM_DIR, WEIGHTS, disk_full_error, load_trained
 from sa2va.training.model_card import model_card
 from sa2va.utils import atomic_dir, atomic_write_json, git_sha
@@ -57,9 +58,7 @@ def _write_project(folder: Path, model: nn.Module, meta: dict[str, Any], merged:
         "threshold": meta.get("threshold"),
     }
     save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
-    model.mllm.config.save_pretrained(folder / MLLM_DIR)
-    model.tokenizer.save_pretrained(folder / MLLM_DIR)
-    model.processor.image_processor.save_pretrained(folder / MLLM_DIR)
+    model.save_pretrained_files(folder / MLLM_DIR)  # Sa2VA's InternVL files; baselines: none
     atomic_write_json(folder / "config.json", config)
     return [WEIGHTS]
 
@@ -108,6 +107,11 @@ def export(
     if not source.exists():
         raise FileNotFoundError(f"{source}: checkpoint not found")
     model, meta = load_trained(source, mllm_path=mllm_path)
+    if format == "official" and not isinstance(model, Sa2VA):
+        raise ValueError(
+            f"format=official is the Sa2VA release layout; {source} holds a "
+            f"{type(model).__name__}: export it with format=project"
+        )
     has_lora = bool((meta.get("freeze") or {}).get("lora"))
     merged = has_lora and merge_lora
     if merged:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from sa2va.evaluation.metrics import SegmentationMetrics
 from sa2va.model.feature_cache import FeatureCache
+from sa2va.model.protocol import SegmentationModel
 from sa2va.training.freeze import FreezePolicy, format_parameter_table, parameter_table
 from sa2va.training.losses import Sa2VALoss
 from sa2va.training.optim import AdamWCosine
@@ -25,11 +26,12 @@ def flat_masks(masks: list[Tensor]) -> Tensor:
 
 
 class Sa2VAModule(L.LightningModule):
-    """Trains any model that maps a batch to per-sample mask logits (+ optional LM loss)."""
+    """Trains any model of the segmentation-model protocol (:mod:`sa2va.model.protocol`):
+    ``forward(batch)`` -> per-sample mask logits (+ an optional LM loss)."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: SegmentationModel,
         loss: Sa2VALoss,
         freeze: FreezePolicy,
         optim: AdamWCosine,
@@ -38,6 +40,12 @@ class Sa2VAModule(L.LightningModule):
         feature_cache: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
+        if not isinstance(model, SegmentationModel):
+            raise TypeError(
+                f"{type(model).__name__} does not implement the segmentation-model protocol "
+                "(sa2va.model.protocol: config, processor, oracle_prompt, forward, "
+                "prepare_inputs, predict_forward, save_pretrained_files)"
+            )
         if on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"module.on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}")
         freeze.apply(model)
@@ -139,7 +147,7 @@ class Sa2VAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Everything needed to rebuild the architecture without any pretrained file."""
         checkpoint["sa2va"] = {
-            "model": getattr(self.model, "config", None),
+            "model": self.model.config,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
             "freeze": self.freeze.config,
             "threshold": self.threshold,

@@ -11,8 +11,9 @@ from helpers.configs import FAST_TRAIN
 from hydra.utils import instantiate
 from PIL import Image
 
+from sa2va.model.image_processor import ImageProcessor
 from sa2va.model.processor import Sa2VAProcessor
-from sa2va.model.unet import UNetBaseline, UNetProcessor
+from sa2va.model.unet import UNetBaseline
 from sa2va.training.run import train
 
 
@@ -24,14 +25,14 @@ def frames(n: int, size: int = 48) -> list[Image.Image]:
 
 
 def test_processor_gives_sa2va_sam2_view_and_counts_objects():
-    processor = UNetProcessor(image_size=32, mask_size=16)
+    processor = ImageProcessor(image_size=32, mask_size=16)
     clip = frames(2)
     sample = processor(clip, ["segment the vessel", "segment the other"], None)
     reference = Sa2VAProcessor(None, None, 0, sam2_image_size=32).sam2_view(clip[1])
     assert sample["g_pixel_values"].shape == (2, 3, 32, 32)
     torch.testing.assert_close(sample["g_pixel_values"][1], reference)
     assert sample["num_objects"] == 2 and processor.mask_size == 16
-    batch = processor.collate([sample, processor(frames(1), ["p"], ["a"])])
+    batch = processor.collate([sample, processor(frames(1), ["p"], ["Sure, [SEG]."])])
     assert [t.shape[0] for t in batch["g_pixel_values"]] == [2, 1]
     assert batch["num_objects"] == [2, 1]
 
