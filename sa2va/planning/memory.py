@@ -31,7 +31,7 @@ FORWARD_ORDER = ["vision", "mm_connector", "llm", "projector", "sam2_decoder"]
 
 
 def build_meta_model(model_cfg: Mapping[str, Any], freeze_cfg: Mapping[str, Any]) -> nn.Module:
-    """The configured model on the meta device with its freeze policy (LoRA included).
+    """The configured model (its LoRA adapters included) on the meta device, frozen by its policy.
 
     ``model.mllm.path`` is dropped so the architecture comes from ``model.mllm.config``
     alone. SAM 2's Hiera turns a ``torch.linspace`` into Python floats (drop-path rates)

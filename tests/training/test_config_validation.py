@@ -31,12 +31,12 @@ GROUP_OPTIONS = {
     "override, cause",
     [
         ("loss.w_mak=1", "Key 'w_mak' not in 'LossSchema'"),
-        ("loss.w_mask=abc", "'abc' of type 'str' could not be converted to Float"),
+        ("loss.weights.bce=abc", "'abc' of type 'str' could not be converted to Float"),
         ("data.batch_size=two", "could not be converted to Integer"),
         ("data.synthetic.num_video=3", "Key 'num_video' not in 'SyntheticSchema'"),
         ("freeze.default_trainable=maybe", "'maybe' is not a valid bool"),
         ("freeze.rules=[{pattern:x,trainable:maybe}]", "'maybe' is not a valid bool"),
-        ("freeze=official freeze.lora.rank=4", "Key 'rank' not in 'LoraSettings'"),
+        ("freeze=official model.lora.rank=4", "Key 'rank' not in 'LoraSettings'"),
     ],
 )
 def test_typos_and_wrong_types_fail_at_compose_time(compose_cfg, override, cause):
@@ -46,11 +46,12 @@ def test_typos_and_wrong_types_fail_at_compose_time(compose_cfg, override, cause
 
 
 def test_command_line_overrides_still_reach_the_objects(compose_cfg):
-    cfg = compose_cfg("loss=official", "loss.w_mask=3", "freeze=user_guide", "freeze.lora.r=8")
+    cfg = compose_cfg("loss=official", "loss.weights.bce=3", "freeze=user_guide", "model.lora.r=8")
     assert instantiate(cfg.loss).weights["bce"] == 3.0
     policy = instantiate(cfg.freeze)
-    assert policy.name == "user_guide" and policy.lora.r == 8 and policy.lora.alpha == 128
-    assert policy.config["lora"]["target_modules"]  # LoraSettings' default filled in
+    lora = instantiate(cfg.model).language_model.peft_config["default"]  # LoRA is architecture
+    assert policy.name == "user_guide" and lora.r == 8 and lora.lora_alpha == 128
+    assert lora.target_modules  # LoraSettings' default filled in
 
 
 @pytest.mark.parametrize("group", SCHEMAS)
@@ -88,7 +89,7 @@ NEEDS_CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a 
         (["data.prompt_template='<image> {name} <image>'"], "<image> appears 2 times"),
         (["data.answer_template='<image> Sure, [SEG].'"], "<image> belongs in the prompt"),
         (["data.prompt_template='<image> Segment the {object}.'"], "only the {name} placeholder"),
-        (["loss.w_mask=0", "loss.w_dice=0", "loss.w_lang=0"], "every loss weight is zero"),
+        (["loss.weights.bce=0", "loss.weights.dice=0", "loss.weights.lang=0"], "every loss weight is zero"),
         (
             ["trainer.max_steps=10", "trainer.val_check_interval=20"],
             "val_check_interval=20 > trainer.max_steps=10",
@@ -144,7 +145,9 @@ def test_train_refuses_before_building_anything(compose_cfg, monkeypatch):
         raise AssertionError("a model was built for a config that cannot train")
 
     monkeypatch.setattr(sa2va.training.run, "build", build)
-    cfg = compose_cfg(*FAST_TRAIN, "loss.w_mask=0", "loss.w_dice=0", "loss.w_lang=0")
+    cfg = compose_cfg(
+        *FAST_TRAIN, "loss.weights.bce=0", "loss.weights.dice=0", "loss.weights.lang=0"
+    )
     with pytest.raises(ConfigError, match="every loss weight is zero"):
         train(cfg)
     written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
