@@ -64,10 +64,15 @@ def _field(default: Any) -> Any:
 
 
 def constructor_schema(
-    name: str, target: type, types_: Mapping[str, Any] | None = None, skip: Sequence[str] = ()
+    name: str,
+    target: type,
+    types_: Mapping[str, Any] | None = None,
+    skip: Sequence[str] = (),
+    required: Sequence[str] = (),
 ) -> type:
     """A structured-config dataclass of ``target``'s constructor arguments, with their types
-    (``types_`` where OmegaConf should check more than the hint says) and defaults."""
+    (``types_`` where OmegaConf should check more than the hint says) and defaults, but
+    ``required`` ones, which every option must state (a yaml's ``???`` cannot undo a default)."""
     hints = typing.get_type_hints(target.__init__)
     fields_ = [
         ("_target_", str, field(default=f"{target.__module__}.{target.__qualname__}")),
@@ -79,7 +84,8 @@ def constructor_schema(
         if param.name in skip or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         kind = (types_ or {}).get(param.name) or omegaconf_type(hints[param.name])
-        fields_.append((param.name, kind, _field(param.default)))
+        default = param.empty if param.name in required else param.default
+        fields_.append((param.name, kind, _field(default)))
     return make_dataclass(name, fields_)
 
 
@@ -92,6 +98,7 @@ DataSchema = constructor_schema(
     OCTDataModule,
     {"synthetic": Optional[SyntheticSchema]},
     skip=("processor",),
+    required=("root",),  # which data set: null (synthetic) or a folder
 )
 LossSchema = constructor_schema("LossSchema", Sa2VALoss)
 FreezeSchema = constructor_schema("FreezeSchema", FreezePolicy, {"rules": list[FreezeRule]})

@@ -130,3 +130,17 @@ def test_official_loss_config_is_low_res_with_point_sampling(compose_cfg):
     official = instantiate(compose_cfg("loss=official").loss)
     assert (official.mask_resolution, official.num_points) == ("low_res", 12544)
     assert instantiate(compose_cfg().loss).mask_resolution == "full"  # bce_dice_lang
+
+
+def test_weights_are_keyed_by_term_and_an_unknown_term_is_an_error():
+    assert Sa2VALoss(weights={"dice": 2.0}).weights == {
+        "bce": 0.0,  # a term left out weighs nothing
+        "dice": 2.0,
+        "lang": 0.0,
+        "focal": 0.0,
+        "cldice": 0.0,
+    }
+    with pytest.raises(ValueError, match=r"loss.weights: unknown term\(s\) \['mask'\]"):
+        Sa2VALoss(weights={"mask": 1.0})
+    with pytest.raises(ValueError, match="every loss weight is zero"):
+        Sa2VALoss(weights={"bce": 0.0})
