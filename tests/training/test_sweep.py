@@ -135,7 +135,8 @@ def check_wandb_runs(sweep: Path, names: set[str]) -> None:
     for run in runs.values():
         config = run["config"]
         assert run["exit_code"] == 0 and run["job_type"] == run["name"].split(",seed=")[0]
-        assert config["loss.w_lang"] == {"bce_dice": 0.0, "bce_dice_lang": 0.5}[config["loss.name"]]
+        lang = {"bce_dice": 0.0, "bce_dice_lang": 0.5}[config["loss.name"]]
+        assert config["loss.weights.lang"] == lang
         assert (config["model.name"], config["freeze.name"], config["seed"]) == (
             "sa2va_tiny",
             "full",
