@@ -3,9 +3,9 @@
 W&B layout (``logger=wandb``): one *group* per Hydra sweep, one *run* per job named by its
 overrides, *job_type* = the overrides minus ``seed`` (the seeds of one arm share it), and the
 config holds the full resolved config under ``cfg`` plus flat ablation keys (``loss.name``,
-``loss.weights.bce``, ``freeze.name``, ...) that the dashboard can group by. Keys come only from the environment
-(``WANDB_API_KEY``); without one the run is written offline (``scripts/wandb_sync.sh``
-uploads it later), so tests and CI never need the network.
+``loss.weights.bce``, ``freeze.name``, ...) that the dashboard can group by. Keys come only
+from the environment (``WANDB_API_KEY``); without one the run is written offline
+(``scripts/wandb_sync.sh`` uploads it later), so tests and CI never need the network.
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def test_run_config_has_the_resolved_config_and_flat_ablation_keys(compose_cfg):
     logged = run_config(cfg)
     assert "hydra" not in logged["cfg"] and logged["cfg"]["loss"]["weights"]["dice"] == 1.0
     assert logged["hydra"]["choices"]["loss"] == "dice_lang"
-    assert {k: logged[k] for k in ("loss.weights.bce", "loss.weights.dice", "loss.weights.lang")} == {
+    weights = ("loss.weights.bce", "loss.weights.dice", "loss.weights.lang")
+    assert {k: logged[k] for k in weights} == {
         "loss.weights.bce": 0.0,
         "loss.weights.dice": 1.0,
         "loss.weights.lang": 0.5,
