@@ -8,7 +8,8 @@
 complete)::
 
     model.safetensors  every weight of the trained model (LoRA merged, or kept as an adapter)
-    config.json        {"model_class", "model": the Sa2VA config, "freeze", "threshold"}
+    config.json        {"model_class", "model": the Sa2VA config (its LoRA spec, or none
+                       once merged), "threshold"}
     mllm/              InternVL config.json, tokenizer, image processor (preprocessor_config.json)
     manifest.json      source checkpoint and its sha256, LoRA merged or not, weights sha256
     README.md          the model card (sa2va.training.model_card): architecture, data and

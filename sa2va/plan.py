@@ -3,8 +3,9 @@
     python -m sa2va.plan model=sa2va_8b trainer=deepspeed_stage_3 trainer.devices=4 \\
         plan.gpu_memory_gb=24
 
-Builds the configured model on the meta device (shapes only: no weights, no files) with the
-freeze policy applied (LoRA included), then adds up, per GPU and per node's CPU:
+Builds the configured model on the meta device (shapes only: no weights, no files; its LoRA
+adapters, ``model.lora``, included) with the freeze policy applied, then adds up, per GPU and
+per node's CPU:
 
 * model states — weights of every parameter, gradients and AdamW states of the trainable
   ones, in the bytes the chosen engine keeps (see :func:`model_state_bytes`), sharded as

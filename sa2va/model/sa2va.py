@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from sa2va.model.feature_cache import FeatureCache, cached_encoders
+from sa2va.model.lora import lora_settings
 from sa2va.model.mllm import SEG_TOKEN, build_mllm, image_embeddings
 from sa2va.model.official import is_sa2va_release, load_release_heads, release_has_sam2
 from sa2va.model.processor import Sa2VAProcessor
@@ -78,12 +80,14 @@ class Sa2VA(ClipPredictor, nn.Module):
         sam2_bf16_norm: bool = False,
         gradient_checkpointing: bool = False,
         init_from_sa2va: Mapping[str, Any] | None = None,
+        lora: Mapping[str, Any] | None = None,
         load_pretrained: bool = True,
         name: str = "sa2va",
     ) -> None:
         super().__init__()
         mllm, sam2, projector = to_plain(mllm), to_plain(sam2), to_plain(projector)
         init_from_sa2va = to_plain(init_from_sa2va)
+        lora_spec = lora_settings(to_plain(lora))
         self.config = copy.deepcopy(
             {
                 "mllm": dict(mllm),
@@ -96,6 +100,7 @@ class Sa2VA(ClipPredictor, nn.Module):
                 "sam2_bf16_norm": sam2_bf16_norm,
                 "gradient_checkpointing": gradient_checkpointing,
                 "init_from_sa2va": dict(init_from_sa2va) if init_from_sa2va else None,
+                "lora": asdict(lora_spec) if lora_spec else None,
                 "name": name,
             }
         )
@@ -134,6 +139,8 @@ class Sa2VA(ClipPredictor, nn.Module):
             self.mllm.gradient_checkpointing_enable({"use_reentrant": False})
         # Runtime option, not architecture (see sa2va.model.feature_cache; set by the module).
         self.feature_cache: FeatureCache | None = None
+        if lora_spec is not None:  # after every pretrained load: their keys have no adapters
+            self.add_lora(lora_spec.peft_config())
 
     @property
     def language_model(self) -> nn.Module:
@@ -151,6 +158,7 @@ class Sa2VA(ClipPredictor, nn.Module):
 
         if isinstance(self.language_model, PeftModel):
             self.mllm.model.language_model = self.language_model.merge_and_unload()
+            self.config["lora"] = None  # the architecture now has no adapters
 
     # ---- forward pieces -------------------------------------------------------------
     def _mllm_hidden(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sa2va.model.checkpoints import CheckpointMismatchError, LoadReport, load_checked
+from sa2va.model.lora import lora_spec
 
 
 class CheckpointError(RuntimeError):
@@ -153,15 +154,13 @@ def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def build_untrained(info: Mapping[str, Any], mllm_path: str | None = None) -> nn.Module:
-    """The architecture recorded in ``info`` (``checkpoint["sa2va"]``), without reading any
-    pretrained weights, with the LoRA structure of its freeze policy (so the keys match).
+    """The architecture recorded in ``info`` (``checkpoint["sa2va"]``), LoRA adapters included
+    (so the keys match), without reading any pretrained weights.
 
     A real-size model still reads its tokenizer and ``config.json`` (never its weights) from
     ``model.mllm.path``; ``mllm_path`` points elsewhere when the checkpoint moved machines.
     """
     from hydra.utils import get_class
-
-    from sa2va.training.freeze import FreezePolicy
 
     model_class = str(info.get("model_class", ""))
     if not model_class.startswith("sa2va."):
@@ -176,10 +175,10 @@ def build_untrained(info: Mapping[str, Any], mllm_path: str | None = None) -> nn
             "config.json (not its weights) are read from there: pass the folder's new place "
             "(mllm_path=...)"
         )
-    model = get_class(model_class)(**config, load_pretrained=False)
-    if (info.get("freeze") or {}).get("lora"):
-        FreezePolicy(**info["freeze"]).apply(model)
-    return model
+    lora = lora_spec(info)
+    if lora:
+        config["lora"] = lora
+    return get_class(model_class)(**config, load_pretrained=False)
 
 
 def load_trained(

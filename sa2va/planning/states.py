@@ -19,7 +19,7 @@ from sa2va.utils import to_plain
 
 
 def build_meta_model(model_cfg: Mapping[str, Any], freeze_cfg: Mapping[str, Any]) -> nn.Module:
-    """The configured model on the meta device with its freeze policy (LoRA included).
+    """The configured model (its LoRA adapters included) on the meta device, frozen by its policy.
 
     ``model.mllm.path`` is dropped so the architecture comes from ``model.mllm.config``
     alone (:func:`sa2va.model.releases.on_meta` builds it without memory).

@@ -1,118 +1,118 @@
 """Typed config schemas (checked by Hydra at compose time) and start-up checks of a config.
 
-The schemas name every key of the ``data``, ``loss`` and ``freeze`` groups with its type, so
-``loss.w_mak=1`` or ``loss.w_mask=abc`` fails when the config is composed, not hours into a
-run. Each yaml of those groups extends its schema (``defaults: [_schema, _self_]``); the yaml
-files hold the values. A new constructor argument goes into the schema and into the yamls.
+The schemas name every key of the ``data``, ``loss``, ``freeze`` and ``model/lora`` groups with
+its type and default, so ``loss.w_mak=1`` or ``loss.weights.bce=abc`` fails when the config is
+composed, not hours into a run. Each schema is read off its component's constructor (argument
+names, types and defaults): a parameter is declared once, in the constructor, and a preset yaml
+(``defaults: [_schema, _self_]``) states only what differs from those defaults.
 
 :func:`validate_config` catches combinations that compose fine but cannot train, before any
-model is built.
+model is built; each component's own arguments are checked by the component itself.
 """
 
 from __future__ import annotations
 
+import inspect
 import string
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import field, fields, make_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sa2va.training.freeze import FreezeRule, LoraSettings
-from sa2va.utils import last_match
+from sa2va.data.datamodule import OCTDataModule
+from sa2va.data.synth import DEFAULTS as SYNTHETIC_DEFAULTS
+from sa2va.model.lora import LoraSettings
+from sa2va.training.freeze import FreezePolicy, FreezeRule
+from sa2va.training.losses import Sa2VALoss
 
 # OmegaConf 2.3 reads these annotations at run time and knows `Optional[X]`, not `X | None`.
 # ruff: noqa: UP007, UP045
 
 
-@dataclass
-class SyntheticSchema:
-    """`sa2va.data.synth` generator parameters (see its DEFAULTS)."""
-
-    num_videos: int = MISSING
-    frames_per_video: int = MISSING
-    image_size: int = MISSING
-    seed: int = MISSING
-    speckle_looks: float = MISSING
-    contrast: float = MISSING
-
-
-@dataclass
-class DataSchema:
-    """`sa2va.data.datamodule.OCTDataModule` arguments (less the processor)."""
-
-    _target_: str = MISSING
-    # plain containers reach the data module, so its saved hyper-parameters (in every
-    # checkpoint) load with torch.load(weights_only=True)
-    _convert_: str = "all"
-    root: Optional[str] = MISSING
-    annotations_file: str = MISSING
-    synthetic: Optional[SyntheticSchema] = MISSING
-    cache_dir: Optional[str] = MISSING
-    split_ratios: list[float] = MISSING
-    split_seed: int = MISSING
-    shuffle_seed: int = MISSING
-    clip_len: int = MISSING
-    clip_stride: int = MISSING
-    eval_clip_len: Optional[int] = MISSING
-    max_eval_clip_len: int = MISSING
-    batch_size: int = MISSING
-    eval_batch_size: int = MISSING
-    num_workers: int = MISSING
-    on_bad_record: str = MISSING
-    video_pattern: str = MISSING
-    category_names: dict[int, str] = MISSING
-    prompt_template: str = MISSING
-    answer_template: str = MISSING
-    hflip_prob: float = MISSING
-    predict_split: str = MISSING
+def omegaconf_type(hint: Any) -> Any:
+    """A constructor's type hint in the subset OmegaConf checks: ``X | None`` -> Optional,
+    abstract containers -> list/dict, a ``Literal`` -> the type of its values."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        kinds = [omegaconf_type(a) for a in args if a is not type(None)]
+        return Optional[kinds[0]] if len(kinds) == 1 else Any
+    if origin is typing.Literal:
+        return type(args[0])
+    if origin in (Mapping, dict):
+        return dict[omegaconf_type(args[0]), omegaconf_type(args[1])] if args else dict
+    if origin in (Sequence, list, tuple):
+        return list[omegaconf_type(args[0])] if args else list
+    return hint if hint in (int, float, bool, str) else Any
 
 
-@dataclass
-class LossSchema:
-    """`sa2va.training.losses.Sa2VALoss` arguments."""
-
-    _target_: str = MISSING
-    _convert_: str = "all"
-    name: str = MISSING
-    w_mask: float = MISSING
-    w_dice: float = MISSING
-    w_lang: float = MISSING
-    w_focal: float = MISSING
-    w_cldice: float = MISSING
-    dice_eps: float = MISSING
-    focal_gamma: float = MISSING
-    focal_alpha: Optional[float] = MISSING
-    cldice_iters: int = MISSING
-    num_points: Optional[int] = MISSING
-    oversample_ratio: float = MISSING
-    importance_sample_ratio: float = MISSING
-    mask_resolution: str = "full"  # full | low_res (SAM2 low-res logits, loss=official)
+def _field(default: Any) -> Any:
+    """A dataclass field holding a constructor default (containers copied per instance)."""
+    if default is inspect.Parameter.empty:
+        return field(default=MISSING)
+    if isinstance(default, Mapping):
+        return field(default_factory=lambda: dict(default))
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda: list(default))
+    return field(default=default)
 
 
-@dataclass
-class FreezeSchema:
-    """`sa2va.training.freeze.FreezePolicy` arguments; rules and LoRA use the policy's own
-    dataclasses."""
+def constructor_schema(
+    name: str,
+    target: type,
+    types_: Mapping[str, Any] | None = None,
+    skip: Sequence[str] = (),
+    required: Sequence[str] = (),
+) -> type:
+    """A structured-config dataclass of ``target``'s constructor arguments, with their types
+    (``types_`` where OmegaConf should check more than the hint says) and defaults, but
+    ``required`` ones, which every option must state (a yaml's ``???`` cannot undo a default)."""
+    hints = typing.get_type_hints(target.__init__)
+    fields_ = [
+        ("_target_", str, field(default=f"{target.__module__}.{target.__qualname__}")),
+        # plain containers reach the object (a data module's saved hyper-parameters, a
+        # policy's config: in every checkpoint, read with torch.load(weights_only=True))
+        ("_convert_", str, field(default="all")),
+    ]
+    for param in list(inspect.signature(target).parameters.values()):
+        if param.name in skip or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        kind = (types_ or {}).get(param.name) or omegaconf_type(hints[param.name])
+        default = param.empty if param.name in required else param.default
+        fields_.append((param.name, kind, _field(default)))
+    return make_dataclass(name, fields_)
 
-    _target_: str = MISSING
-    _convert_: str = "all"  # the policy stores its config in checkpoints
-    name: str = MISSING
-    default_trainable: bool = MISSING
-    rules: list[FreezeRule] = field(default_factory=list)
-    lora: Optional[LoraSettings] = None
-    llm_last_n: Optional[int] = None
 
+SyntheticSchema = make_dataclass(
+    "SyntheticSchema",
+    [(key, type(value), field(default=value)) for key, value in SYNTHETIC_DEFAULTS.items()],
+)
+DataSchema = constructor_schema(
+    "DataSchema",
+    OCTDataModule,
+    {"synthetic": Optional[SyntheticSchema]},
+    skip=("processor",),
+    required=("root",),  # which data set: null (synthetic) or a folder
+)
+LossSchema = constructor_schema("LossSchema", Sa2VALoss)
+FreezeSchema = constructor_schema("FreezeSchema", FreezePolicy, {"rules": list[FreezeRule]})
 
+# the components' groups (each option is one object: `_target_`), and the LoRA spec of the model
 SCHEMAS: dict[str, type] = {"data": DataSchema, "loss": LossSchema, "freeze": FreezeSchema}
+LORA_GROUP = "model/lora"
 SCHEMA_NAME = "_schema"
 
 
 def register_schemas() -> None:
     """Store each schema as `<group>/_schema`; every app calls this before Hydra composes."""
     store = ConfigStore.instance()
-    for group, schema in SCHEMAS.items():
+    for group, schema in {**SCHEMAS, LORA_GROUP: LoraSettings}.items():
         store.store(group=group, name=SCHEMA_NAME, node=schema)
 
 
@@ -129,23 +129,24 @@ LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 LORA_PARAMETER = "mllm.model.language_model.base_model.model.layers.0.self_attn.q_proj.lora_A"
 
 
-def _rule_says_trainable(name: str, default: bool, rules: list[Any]) -> bool:
-    """FreezePolicy semantics for one name: the last rule whose pattern matches wins."""
-    return bool(last_match(name, ((r["pattern"], r["trainable"]) for r in rules), default))
-
-
-def _freeze_problems(freeze: DictConfig) -> list[str]:
-    rules = list(freeze.get("rules") or [])
-    default = bool(freeze.get("default_trainable"))
-    name = freeze.get("name")
-    if not default and not freeze.get("llm_last_n") and not any(r.trainable for r in rules):
-        return [f"freeze={name}: default_trainable=false and no rule trains anything"]
-    if freeze.get("lora") and not _rule_says_trainable(LORA_PARAMETER, default, rules):
-        return [
-            f"freeze={name}: freeze.lora adds LoRA adapters but the rules keep them frozen "
+def _component_problems(cfg: DictConfig) -> list[str]:
+    """Build the loss and the freeze policy (cheap, no model): each checks its own arguments.
+    Then the one check across components: LoRA adapters the freeze rules would keep frozen."""
+    problems, built = [], {}
+    for group in ("loss", "freeze"):
+        if cfg.get(group) is not None:
+            try:
+                built[group] = instantiate(cfg[group])
+            except InstantiationException as e:  # the component's own message is the cause
+                problems.append(f"{group}={cfg[group].get('name')}: {e.__cause__ or e}")
+    policy = built.get("freeze")
+    lora = OmegaConf.select(cfg, "model.lora", default=None)
+    if policy is not None and lora and not policy.trainable(LORA_PARAMETER):
+        problems.append(
+            f"freeze={policy.name}: model.lora adds LoRA adapters but the rules keep them frozen "
             "(add {pattern: 'lora_', trainable: true})"
-        ]
-    return []
+        )
+    return problems
 
 
 def _strategy_name(strategy: Any) -> str:
@@ -213,13 +214,6 @@ def _template_problems(data: DictConfig) -> list[str]:
     return problems
 
 
-def _loss_problems(loss: DictConfig) -> list[str]:
-    weights = {k: loss[k] for k in loss if str(k).startswith("w_")}
-    if weights and not any(weights.values()):
-        return [f"loss={loss.get('name')}: every loss weight is zero ({weights})"]
-    return []
-
-
 def _unknown_keys(cfg: DictConfig) -> list[str]:
     """Keys added with ``+group.key=...`` (Hydra lets ``+`` extend even a typed node)."""
     problems = []
@@ -240,14 +234,12 @@ def _is_checkpoint_source(ckpt_path: str) -> bool:
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` (one line per problem) for a config that cannot train."""
     problems = _unknown_keys(cfg)
-    if cfg.get("freeze") is not None:
-        problems += _freeze_problems(cfg.freeze)
+    if not problems:  # a key its component does not take would be reported twice
+        problems += _component_problems(cfg)
     if cfg.get("trainer") is not None:
         problems += _trainer_problems(cfg.trainer)
     if cfg.get("data") is not None:
         problems += _template_problems(cfg.data)
-    if cfg.get("loss") is not None:
-        problems += _loss_problems(cfg.loss)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not _is_checkpoint_source(str(ckpt_path)):
         problems.append(f"ckpt_path={ckpt_path}: no such checkpoint file or folder")

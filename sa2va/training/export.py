@@ -45,16 +45,15 @@ def checkpoint_sha256(path: str | Path) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _write_project(folder: Path, model: nn.Module, meta: dict[str, Any], merged: bool) -> list[str]:
+def _write_project(folder: Path, model: nn.Module, meta: dict[str, Any]) -> list[str]:
     """This project's export folder (see the module docstring); returns the weight files."""
     from safetensors.torch import save_model
 
-    freeze = meta.get("freeze") or {}
     config = {
         "model_class": meta["model_class"],
-        "model": meta["model"],
-        # the LoRA structure load_exported must rebuild; nothing when merged or absent
-        "freeze": freeze if freeze.get("lora") and not merged else None,
+        # the architecture as loaded (its LoRA spec: adapters load_exported rebuilds; none
+        # once merged)
+        "model": model.config,
         "threshold": meta.get("threshold"),
     }
     save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
@@ -112,14 +111,14 @@ def export(
             f"format=official is the Sa2VA release layout; {source} holds a "
             f"{type(model).__name__}: export it with format=project"
         )
-    has_lora = bool((meta.get("freeze") or {}).get("lora"))
+    has_lora = bool(model.config.get("lora"))
     merged = has_lora and merge_lora
     if merged:
         model.merge_lora()
     try:
         with atomic_dir(final) as tmp:
             if format == "project":
-                weights = _write_project(tmp, model, meta, merged)
+                weights = _write_project(tmp, model, meta)
             else:
                 weights = write_official_release(model, tmp, template, max_shard_size)
             manifest = {

@@ -1,15 +1,17 @@
-"""Freezing policies: ordered name-pattern rules, optional LoRA, optional last-N LLM layers.
+"""Freezing policies: ordered name-pattern rules and optional last-N LLM layers; a policy only
+sets ``requires_grad`` (LoRA adapters are part of the model: ``model.lora``).
 
 Parameter names are matched with `re.search`, the last matching rule wins (as SAM 2's
 training code chooses parameter groups by name patterns), so a policy reads top-down:
-"freeze the LLM, ... but train its LoRA weights".
+"freeze the LLM, ... but train its LoRA weights". As there, every rule must match at least
+one parameter: a pattern that matches nothing is a typo or a rule for another model.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -40,67 +42,55 @@ class FreezeRule:
     trainable: bool
 
 
-@dataclass
-class LoraSettings:
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-    )
-
-
 class FreezePolicy:
-    """Sets `requires_grad` on a `Sa2VA` model (and adds LoRA) from a `conf/freeze` preset."""
+    """Sets `requires_grad` on a `Sa2VA` model from a `conf/freeze` preset.
+
+    The arguments are checked here, when the policy is built (a start-up check builds it
+    before any model); the rules are checked against the model's names in :meth:`apply`.
+    """
 
     def __init__(
         self,
         name: str,
         default_trainable: bool = True,
         rules: Sequence[Mapping[str, Any]] = (),
-        lora: Mapping[str, Any] | None = None,
         llm_last_n: int | None = None,
     ) -> None:
         self.config = {
             "name": name,
             "default_trainable": default_trainable,
             "rules": [dict(r) for r in rules],
-            "lora": dict(lora) if lora else None,
             "llm_last_n": llm_last_n,
         }
         self.name = name
         self.default_trainable = default_trainable
         self.rules = [FreezeRule(**r) for r in rules]
-        self.lora = LoraSettings(**lora) if lora else None
         self.llm_last_n = llm_last_n
         for rule in self.rules:
-            re.compile(rule.pattern)
+            try:
+                re.compile(rule.pattern)
+            except re.error as e:
+                raise ValueError(f"rule {rule.pattern!r}: not a regular expression ({e})") from e
+        if not default_trainable and not llm_last_n and not any(r.trainable for r in self.rules):
+            raise ValueError("default_trainable=false and no rule trains anything")
+
+    def trainable(self, name: str) -> bool:
+        """Whether the rules train parameter ``name``: the last rule whose pattern matches."""
+        rules = ((rule.pattern, rule.trainable) for rule in self.rules)
+        return bool(last_match(name, rules, self.default_trainable))
 
     def apply(self, model: nn.Module) -> None:
-        if self.lora is not None:
-            from peft import LoraConfig
-
-            model.add_lora(
-                LoraConfig(
-                    r=self.lora.r,
-                    lora_alpha=self.lora.alpha,
-                    lora_dropout=self.lora.dropout,
-                    target_modules=list(self.lora.target_modules),
-                    bias="none",
-                )
+        names = [name for name, _ in model.named_parameters()]
+        unmatched = [r for r in self.rules if not any(re.search(r.pattern, n) for n in names)]
+        if unmatched:
+            raise ValueError(
+                f"freeze={self.name}: rule {{pattern: {unmatched[0].pattern!r}, trainable: "
+                f"{str(unmatched[0].trainable).lower()}}} matches no parameter of "
+                f"{type(model).__name__} ({len(unmatched)} such rule(s))"
             )
         last_n_pattern = self._last_n_pattern(model)
         for name, param in model.named_parameters():
-            rules = ((rule.pattern, rule.trainable) for rule in self.rules)
-            trainable = last_match(name, rules, self.default_trainable)
+            trainable = self.trainable(name)
             if last_n_pattern and re.search(last_n_pattern, name):
                 trainable = True
             param.requires_grad_(trainable)

@@ -2,10 +2,10 @@
 
 W&B layout (``logger=wandb``): one *group* per Hydra sweep, one *run* per job named by its
 overrides, *job_type* = the overrides minus ``seed`` (the seeds of one arm share it), and the
-config holds the full resolved config under ``cfg`` plus flat ablation keys (``loss.w_mask``,
-``freeze.name``, ...) that the dashboard can group by. Keys come only from the environment
-(``WANDB_API_KEY``); without one the run is written offline (``scripts/wandb_sync.sh``
-uploads it later), so tests and CI never need the network.
+config holds the full resolved config under ``cfg`` plus flat ablation keys (``loss.name``,
+``loss.weights.bce``, ``freeze.name``, ...) that the dashboard can group by. Keys come only
+from the environment (``WANDB_API_KEY``); without one the run is written offline
+(``scripts/wandb_sync.sh`` uploads it later), so tests and CI never need the network.
 """
 
 from __future__ import annotations
@@ -27,26 +27,26 @@ from torch.nn import functional as F
 from sa2va.overrides import override_label, swept_keys
 from sa2va.utils import safe_dirname, to_plain
 
-# Flat config keys that name an ablation arm (plus every optim.lr_mult entry).
+# Flat config keys that name an ablation arm, plus every entry of the mappings below.
 ABLATION_KEYS = (
     "model.name",
+    "model.lora.r",
     "loss.name",
-    "loss.w_mask",
-    "loss.w_dice",
-    "loss.w_lang",
     "freeze.name",
-    "freeze.lora.r",
     "optim.name",
     "optim.lr",
     "seed",
 )
+# each entry is an ablation axis: every loss weight (by the term it scales), every lr multiplier
+ABLATION_MAPPINGS = ("loss.weights", "optim.lr_mult")
 
 
 def ablation_keys(cfg: DictConfig) -> dict[str, Any]:
-    """``{"loss.w_mask": 1.0, ...}``: None where a config lacks a key (e.g. no LoRA)."""
+    """``{"loss.weights.bce": 1.0, ...}``: None where a config lacks a key (e.g. no LoRA)."""
     keys = {key: OmegaConf.select(cfg, key, default=None) for key in ABLATION_KEYS}
-    lr_mult = OmegaConf.select(cfg, "optim.lr_mult", default=None) or {}
-    keys |= {f"optim.lr_mult.{pattern}": mult for pattern, mult in lr_mult.items()}
+    for mapping in ABLATION_MAPPINGS:
+        entries = OmegaConf.select(cfg, mapping, default=None) or {}
+        keys |= {f"{mapping}.{name}": value for name, value in entries.items()}
     return keys
 
 

@@ -1,5 +1,9 @@
-"""Weighted segmentation + language losses: `L = w_mask*BCE + w_dice*Dice + w_lang*CE (+ extras)`.
+"""Weighted segmentation + language losses: `L = sum of weights[term] * term` over the terms
+`bce`, `dice`, `lang` (LM cross-entropy), `focal` and `cldice`.
 
+The weights are keyed by the name of the term they scale (as SAM 2's training losses): the
+same name is the key in `loss.weights`, in the returned dict and in the logged metric
+(`train/loss_bce`). A term left out of `weights` has weight 0; an unknown name is an error.
 Every term is returned separately for logging; only terms with a non-zero weight enter
 the total, so a weight of 0 in an ablation really removes that term's gradient.
 
@@ -11,6 +15,9 @@ drops most pixels of a 1-2 px wide vessel, so thin vessels would vanish from the
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +59,9 @@ def uncertain_point_coords(
 
 
 MASK_RESOLUTIONS = ("full", "low_res")
+TERMS = ("bce", "dice", "lang", "focal", "cldice")
+# the user's weights (loss=bce_dice_lang); an immutable default, copied by each loss
+DEFAULT_WEIGHTS: Mapping[str, float] = MappingProxyType({"bce": 1.0, "dice": 1.0, "lang": 0.5})
 
 
 def nearest_resize(masks: Tensor, size_hw: tuple[int, int]) -> Tensor:
@@ -62,16 +72,24 @@ def nearest_resize(masks: Tensor, size_hw: tuple[int, int]) -> Tensor:
     return F.interpolate(flat, size_hw, mode="nearest").reshape(*masks.shape[:-2], *size_hw)
 
 
+def checked_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """``{term: weight}`` for every term (0 where left out); an unknown term or weights that
+    are all zero are errors."""
+    unknown = sorted(set(weights) - set(TERMS))
+    if unknown:
+        raise ValueError(f"loss.weights: unknown term(s) {unknown}; the terms are {list(TERMS)}")
+    full = {term: float(weights.get(term, 0.0)) for term in TERMS}
+    if not any(full.values()):
+        raise ValueError(f"every loss weight is zero ({dict(weights)})")
+    return full
+
+
 class Sa2VALoss(nn.Module):
     """Loss of the joint model; weights come from `conf/loss/*.yaml`."""
 
     def __init__(
         self,
-        w_mask: float = 1.0,
-        w_dice: float = 1.0,
-        w_lang: float = 0.5,
-        w_focal: float = 0.0,
-        w_cldice: float = 0.0,
+        weights: Mapping[str, float] = DEFAULT_WEIGHTS,
         dice_eps: float = 1.0,
         focal_gamma: float = 2.0,
         focal_alpha: float | None = 0.25,
@@ -88,24 +106,18 @@ class Sa2VALoss(nn.Module):
                 f"loss mask_resolution must be one of {MASK_RESOLUTIONS}, got {mask_resolution!r}"
             )
         self.mask_resolution = mask_resolution
-        self.weights = {
-            "bce": w_mask,
-            "dice": w_dice,
-            "lang": w_lang,
-            "focal": w_focal,
-            "cldice": w_cldice,
-        }
+        self.weights = checked_weights(weights)
         self.dice_eps = dice_eps
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.focal = None
-        if w_focal:
+        if self.weights["focal"]:
             from monai.losses import FocalLoss
 
             self.focal = FocalLoss(use_softmax=False, gamma=focal_gamma, alpha=focal_alpha)
         self.cldice = None
-        if w_cldice:
+        if self.weights["cldice"]:
             from monai.losses import SoftclDiceLoss
 
             self.cldice = SoftclDiceLoss(iter_=cldice_iters, sigmoid=True)

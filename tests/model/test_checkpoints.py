@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from helpers.checkpoints import LORA, write_training_checkpoint
+from helpers.checkpoints import LEGACY_LORA, LORA, LORA_SPEC, write_training_checkpoint
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -21,7 +21,6 @@ from sa2va.model.mllm import build_mllm
 from sa2va.model.sa2va import Sa2VA
 from sa2va.model.sam2 import build_sam2
 from sa2va.model.trained import load_trained
-from sa2va.training.freeze import FreezePolicy
 from sa2va.utils import to_plain
 
 
@@ -268,18 +267,30 @@ def test_model_config_can_start_from_an_official_checkpoint(model_cfg, tmp_path)
 # --------------------------------------------------------------- (d) training checkpoints
 
 
-def test_load_trained_round_trip_with_lora_and_no_pretrained_file(model_cfg, tmp_path):
-    model = build(model_cfg, seed=0, sam2_ckpt=str(tmp_path / "gone.pt"), load_pretrained=False)
-    FreezePolicy(**LORA).apply(model)
+@pytest.mark.parametrize("layout", ["model.lora", "legacy freeze.lora"])
+def test_load_trained_round_trip_with_lora_and_no_pretrained_file(model_cfg, tmp_path, layout):
+    """LoRA is architecture (``model.lora``); a checkpoint written when the freeze policy
+    held it (``freeze.lora``) rebuilds the same adapters."""
+    model = build(
+        model_cfg,
+        seed=0,
+        sam2_ckpt=str(tmp_path / "gone.pt"),
+        load_pretrained=False,
+        lora=LORA_SPEC,
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     path = tmp_path / "trained.ckpt"
-    write_training_checkpoint(path, model, LORA)
+    if layout == "model.lora":
+        write_training_checkpoint(path, model, LORA)
+    else:
+        write_training_checkpoint(path, model, LEGACY_LORA, {**model.config, "lora": None})
 
     loaded, meta = load_trained(path)
     assert_same_weights(model, loaded)
-    assert not loaded.training and meta["global_step"] == 7 and meta["freeze"] == LORA
+    freeze = LORA if layout == "model.lora" else LEGACY_LORA
+    assert not loaded.training and meta["global_step"] == 7 and meta["freeze"] == freeze
 
 
 def test_load_trained_refuses_mismatches(model_cfg, tmp_path):

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.official_fixtures import RELEASE
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -22,9 +24,12 @@ MODEL_CONFIGS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("sa2va_*.
 
 
 def mllm_config(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / f"{name}.yaml"))[
-        "model"
-    ]["mllm"]["config"]
+    """``model.mllm.config`` of preset ``name`` as composed (presets extend conf/model/base/)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}"])
+    GlobalHydra.instance().clear()
+    return OmegaConf.to_container(cfg.model.mllm.config)
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)

@@ -8,17 +8,25 @@ import json
 import re
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from helpers.configs import FAST_TRAIN
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import sa2va.training.run
 from sa2va.data.synth import DEFAULTS as SYNTHETIC_DEFAULTS
-from sa2va.training.config import SCHEMAS, ConfigError, SyntheticSchema, validate_config
+from sa2va.model.lora import LoraSettings
+from sa2va.training.config import (
+    LORA_GROUP,
+    SCHEMAS,
+    ConfigError,
+    SyntheticSchema,
+    validate_config,
+)
 from sa2va.training.run import train
 from sa2va.utils import CONF_DIR, REPO_ROOT
 
@@ -31,12 +39,12 @@ GROUP_OPTIONS = {
     "override, cause",
     [
         ("loss.w_mak=1", "Key 'w_mak' not in 'LossSchema'"),
-        ("loss.w_mask=abc", "'abc' of type 'str' could not be converted to Float"),
+        ("loss.weights.bce=abc", "'abc' of type 'str' could not be converted to Float"),
         ("data.batch_size=two", "could not be converted to Integer"),
         ("data.synthetic.num_video=3", "Key 'num_video' not in 'SyntheticSchema'"),
         ("freeze.default_trainable=maybe", "'maybe' is not a valid bool"),
         ("freeze.rules=[{pattern:x,trainable:maybe}]", "'maybe' is not a valid bool"),
-        ("freeze=official freeze.lora.rank=4", "Key 'rank' not in 'LoraSettings'"),
+        ("freeze=official model.lora.rank=4", "Key 'rank' not in 'LoraSettings'"),
     ],
 )
 def test_typos_and_wrong_types_fail_at_compose_time(compose_cfg, override, cause):
@@ -46,11 +54,12 @@ def test_typos_and_wrong_types_fail_at_compose_time(compose_cfg, override, cause
 
 
 def test_command_line_overrides_still_reach_the_objects(compose_cfg):
-    cfg = compose_cfg("loss=official", "loss.w_mask=3", "freeze=user_guide", "freeze.lora.r=8")
+    cfg = compose_cfg("loss=official", "loss.weights.bce=3", "freeze=user_guide", "model.lora.r=8")
     assert instantiate(cfg.loss).weights["bce"] == 3.0
     policy = instantiate(cfg.freeze)
-    assert policy.name == "user_guide" and policy.lora.r == 8 and policy.lora.alpha == 128
-    assert policy.config["lora"]["target_modules"]  # LoraSettings' default filled in
+    lora = instantiate(cfg.model).language_model.peft_config["default"]  # LoRA is architecture
+    assert policy.name == "user_guide" and lora.r == 8 and lora.lora_alpha == 128
+    assert lora.target_modules  # LoraSettings' default filled in
 
 
 @pytest.mark.parametrize("group", SCHEMAS)
@@ -61,6 +70,56 @@ def test_schemas_name_exactly_the_constructor_arguments(compose_cfg, group):
     keys = {f.name for f in fields(SCHEMAS[group])} - {"_target_", "_convert_"}
     assert keys == arguments
     assert {f.name for f in fields(SyntheticSchema)} == set(SYNTHETIC_DEFAULTS)
+
+
+def restated(preset: Any, defaults: Any, prefix: str = "") -> list[str]:
+    """Keys of ``preset`` whose value equals the one it would get anyway from ``defaults``
+    (both compared as written: interpolations unresolved)."""
+    if isinstance(preset, DictConfig):
+        preset = OmegaConf.to_container(preset)
+    if isinstance(defaults, DictConfig):
+        defaults = OmegaConf.to_container(defaults)
+    if isinstance(preset, dict) and isinstance(defaults, dict):
+        return [
+            found
+            for key in preset
+            if key != "defaults" and key in defaults
+            for found in restated(preset[key], defaults[key], f"{prefix}{key}.")
+        ]
+    return [prefix.rstrip(".")] if preset == defaults else []
+
+
+def config_path(preset: Path, entry: str) -> Path:
+    """The yaml a config-path entry of ``preset``'s defaults list names (group options, e.g.
+    ``sam2@model.sam2: tiny``, and ``_self_`` are not config paths)."""
+    return preset.parent / f"{entry}.yaml"
+
+
+def inherited(preset: Path) -> DictConfig:
+    """What the config files in ``preset``'s defaults list give it (their own parents first)."""
+    merged = OmegaConf.create()
+    for entry in OmegaConf.load(preset).get("defaults", []):
+        if isinstance(entry, str) and entry not in ("_self_", "_schema"):
+            parent = config_path(preset, entry)
+            own = OmegaConf.load(parent)
+            own.pop("defaults", None)
+            merged = OmegaConf.merge(merged, inherited(parent), own)
+    return merged
+
+
+@pytest.mark.parametrize("group", [*SCHEMAS, LORA_GROUP])
+def test_presets_state_only_what_differs_from_the_constructor_defaults(group):
+    schema = OmegaConf.structured(SCHEMAS.get(group, LoraSettings))
+    for path in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
+        defaults = OmegaConf.merge(schema, inherited(path))
+        assert not restated(OmegaConf.load(path), defaults), path.name
+
+
+def test_model_presets_state_only_what_differs_from_their_base():
+    paths = sorted((Path(CONF_DIR) / "model").glob("*.yaml"))
+    for path in paths + sorted((Path(CONF_DIR) / "model" / "base").glob("*.yaml")):
+        assert not restated(OmegaConf.load(path), inherited(path)), path.name
+    assert all(inherited(p) for p in paths if p.stem.startswith("sa2va_")), "one shared base"
 
 
 # ------------------------------------------------------------------ validate_config
@@ -88,7 +147,10 @@ NEEDS_CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a 
         (["data.prompt_template='<image> {name} <image>'"], "<image> appears 2 times"),
         (["data.answer_template='<image> Sure, [SEG].'"], "<image> belongs in the prompt"),
         (["data.prompt_template='<image> Segment the {object}.'"], "only the {name} placeholder"),
-        (["loss.w_mask=0", "loss.w_dice=0", "loss.w_lang=0"], "every loss weight is zero"),
+        (
+            ["loss.weights.bce=0", "loss.weights.dice=0", "loss.weights.lang=0"],
+            "every loss weight is zero",
+        ),
         (
             ["trainer.max_steps=10", "trainer.val_check_interval=20"],
             "val_check_interval=20 > trainer.max_steps=10",
@@ -144,7 +206,9 @@ def test_train_refuses_before_building_anything(compose_cfg, monkeypatch):
         raise AssertionError("a model was built for a config that cannot train")
 
     monkeypatch.setattr(sa2va.training.run, "build", build)
-    cfg = compose_cfg(*FAST_TRAIN, "loss.w_mask=0", "loss.w_dice=0", "loss.w_lang=0")
+    cfg = compose_cfg(
+        *FAST_TRAIN, "loss.weights.bce=0", "loss.weights.dice=0", "loss.weights.lang=0"
+    )
     with pytest.raises(ConfigError, match="every loss weight is zero"):
         train(cfg)
     written = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())

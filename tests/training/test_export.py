@@ -244,9 +244,9 @@ def test_export_format_official_merges_lora_and_loads_back(compose_cfg, tmp_path
     assert release_shapes(release, sam2) == {k: tuple(v.shape) for k, v in weights.items()}
     assert "[SEG]" in AutoTokenizer.from_pretrained(out).get_vocab()
 
+    model.merge_lora()  # its config then describes the release: no adapters
     fresh = Sa2VA(**model.config, load_pretrained=False)
     assert load_official_sa2va(fresh, out).ok
-    model.merge_lora()
     assert same_weights(fresh, model)
 
 

@@ -9,7 +9,7 @@ import torch
 from helpers.batches import synthetic_batch
 from hydra.utils import instantiate
 
-from sa2va.training.freeze import module_family, parameter_table
+from sa2va.training.freeze import FreezePolicy, module_family, parameter_table
 from sa2va.training.module import Sa2VAModule
 
 # family -> trainable? (None: depends on the parameter, checked separately)
@@ -144,3 +144,28 @@ def test_parameter_table_counts_add_up(compose_cfg):
 def test_llm_last_n_beyond_the_model_is_a_clear_error(compose_cfg):
     with pytest.raises(ValueError, match="llm_last_n=5 but the LLM has 2 layers"):
         build_module(compose_cfg, "llm_last_n", "freeze.llm_last_n=5")
+
+
+def test_a_rule_that_matches_no_parameter_is_an_error_naming_it(compose_cfg):
+    # freeze=official without the model's LoRA adapters: its 'lora_' rule matches nothing
+    with pytest.raises(ValueError, match=re.escape("rule {pattern: 'lora_', trainable: true}")):
+        build_module(compose_cfg, "official", "~model/lora")
+    typo = "freeze.rules=[{pattern:sam_mask_decodr,trainable:false}]"
+    with pytest.raises(ValueError, match="'sam_mask_decodr', trainable: false} matches no param"):
+        build_module(compose_cfg, "full", typo)
+
+
+def test_the_policy_checks_its_own_arguments():
+    with pytest.raises(ValueError, match="no rule trains anything"):
+        FreezePolicy("none", default_trainable=False, rules=[{"pattern": "x", "trainable": False}])
+    with pytest.raises(ValueError, match=r"rule '\(': not a regular expression"):
+        FreezePolicy("bad", rules=[{"pattern": "(", "trainable": True}])
+
+
+def test_the_policy_only_sets_requires_grad(compose_cfg):
+    """LoRA adapters come from the model config (model.lora), never from the freeze policy."""
+    model = instantiate(compose_cfg("freeze=official").model)
+    names = [n for n, _ in model.named_parameters()]
+    instantiate(compose_cfg("freeze=official").freeze).apply(model)
+    assert [n for n, _ in model.named_parameters()] == names
+    assert any(module_family(n) == "lora" for n in names)

@@ -48,7 +48,7 @@ def test_focal_matches_formula(logits_target):
     p_t = p * y + (1 - p) * (1 - y)
     alpha_t = alpha * y + (1 - alpha) * (1 - y)
     reference = (-alpha_t * (1 - p_t) ** gamma * p_t.log()).mean()
-    loss = Sa2VALoss(w_focal=1.0, focal_gamma=gamma, focal_alpha=alpha)
+    loss = Sa2VALoss(weights={"focal": 1.0}, focal_gamma=gamma, focal_alpha=alpha)
     assert loss.mask_terms(logits, target)["focal"].item() == pytest.approx(
         reference.item(), rel=1e-4
     )
@@ -58,7 +58,7 @@ def test_cldice_is_zero_for_a_perfect_mask_and_high_for_a_wrong_one():
     target = torch.zeros(1, 32, 32, dtype=torch.bool)
     target[0, 14:18, 2:30] = True
     perfect = torch.where(target, 20.0, -20.0)
-    loss = Sa2VALoss(w_cldice=1.0)
+    loss = Sa2VALoss(weights={"cldice": 1.0})
     assert loss.mask_terms(perfect, target)["cldice"].item() < 0.05
     assert loss.mask_terms(-perfect, target)["cldice"].item() > 0.9
 
@@ -67,12 +67,12 @@ def test_weights_select_terms_and_total():
     logits = [torch.randn(1, 2, 8, 8, requires_grad=True)]
     target = [torch.rand(1, 2, 8, 8) > 0.5]
     lm = torch.tensor(2.0, requires_grad=True)
-    terms = Sa2VALoss(w_mask=1.0, w_dice=0.0, w_lang=0.5)(logits, target, lm)
+    terms = Sa2VALoss(weights={"bce": 1.0, "dice": 0.0, "lang": 0.5})(logits, target, lm)
     assert set(terms) == {"bce", "dice", "lang", "loss"}
     assert terms["loss"].item() == pytest.approx(terms["bce"].item() + 1.0)
     terms["loss"].backward()
     # Dice is logged but has weight 0: the gradient equals BCE's alone.
-    bce_only = Sa2VALoss(w_mask=1.0, w_dice=0.0, w_lang=0.0)
+    bce_only = Sa2VALoss(weights={"bce": 1.0})
     grad = logits[0].grad.clone()
     logits[0].grad = None
     bce_only(logits, target, None)["loss"].backward()
@@ -130,3 +130,17 @@ def test_official_loss_config_is_low_res_with_point_sampling(compose_cfg):
     official = instantiate(compose_cfg("loss=official").loss)
     assert (official.mask_resolution, official.num_points) == ("low_res", 12544)
     assert instantiate(compose_cfg().loss).mask_resolution == "full"  # bce_dice_lang
+
+
+def test_weights_are_keyed_by_term_and_an_unknown_term_is_an_error():
+    assert Sa2VALoss(weights={"dice": 2.0}).weights == {
+        "bce": 0.0,  # a term left out weighs nothing
+        "dice": 2.0,
+        "lang": 0.0,
+        "focal": 0.0,
+        "cldice": 0.0,
+    }
+    with pytest.raises(ValueError, match=r"loss.weights: unknown term\(s\) \['mask'\]"):
+        Sa2VALoss(weights={"mask": 1.0})
+    with pytest.raises(ValueError, match="every loss weight is zero"):
+        Sa2VALoss(weights={"bce": 0.0})

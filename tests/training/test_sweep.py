@@ -37,7 +37,7 @@ def test_ablate_loss_sweeps_the_seed_001_weight_table(compose_cfg):
     weights = set()
     for job in jobs:
         cfg = compose_cfg("experiment=ablate_loss", *job)
-        weights.add((cfg.loss.w_mask, cfg.loss.w_dice, cfg.loss.w_lang))
+        weights.add(tuple(cfg.loss.weights[term] for term in ("bce", "dice", "lang")))
         assert cfg.model.name == "sa2va_tiny" and cfg.freeze.name == "full"
     assert weights == {(1.0, 0.0, 0.5), (0.0, 1.0, 0.5), (1.0, 1.0, 0.0), (1.0, 1.0, 0.5)}
     assert len(jobs) == 12 and {j[1] for j in jobs} == {"seed=0", "seed=1", "seed=2"}
@@ -52,7 +52,7 @@ def test_ablate_freeze_arms_override_the_tiny_models_freeze_preset(compose_cfg):
         cfg = compose_cfg("experiment=ablate_freeze", *job)
         arm = job[0].split("=")[1]
         projector = OmegaConf.to_container(cfg.optim.lr_mult).get("text_hidden_fcs", 1.0)
-        arms[(arm, cfg.freeze.lora.r)] = (cfg.freeze.name, projector)
+        arms[(arm, cfg.model.lora.r)] = (cfg.freeze.name, projector)
         assert cfg.model.name == "sa2va_tiny"
     assert arms == {
         (arm, r): (freeze, 10.0 if arm == "sam2_full_projector" else 1.0)
@@ -67,7 +67,7 @@ def test_ablate_freeze_arms_override_the_tiny_models_freeze_preset(compose_cfg):
 
 
 def test_projector_arm_gives_the_projector_ten_times_the_learning_rate(compose_cfg):
-    cfg = compose_cfg("+experiment/freeze_arm=sam2_full_projector", "freeze.lora.r=8")
+    cfg = compose_cfg("+experiment/freeze_arm=sam2_full_projector", "model.lora.r=8")
     model = instantiate(cfg.model)
     instantiate(cfg.freeze).apply(model)
     groups = instantiate(cfg.optim).param_groups(model.named_parameters())
@@ -135,7 +135,8 @@ def check_wandb_runs(sweep: Path, names: set[str]) -> None:
     for run in runs.values():
         config = run["config"]
         assert run["exit_code"] == 0 and run["job_type"] == run["name"].split(",seed=")[0]
-        assert config["loss.w_lang"] == {"bce_dice": 0.0, "bce_dice_lang": 0.5}[config["loss.name"]]
+        lang = {"bce_dice": 0.0, "bce_dice_lang": 0.5}[config["loss.name"]]
+        assert config["loss.weights.lang"] == lang
         assert (config["model.name"], config["freeze.name"], config["seed"]) == (
             "sa2va_tiny",
             "full",

@@ -61,16 +61,17 @@ def test_logger_config_builds_an_offline_sweep_logger(compose_cfg, monkeypatch):
 def test_run_config_has_the_resolved_config_and_flat_ablation_keys(compose_cfg):
     cfg = compose_cfg("loss=dice_lang", "+experiment/freeze_arm=sam2_full_projector")
     logged = run_config(cfg)
-    assert "hydra" not in logged["cfg"] and logged["cfg"]["loss"]["w_dice"] == 1.0
+    assert "hydra" not in logged["cfg"] and logged["cfg"]["loss"]["weights"]["dice"] == 1.0
     assert logged["hydra"]["choices"]["loss"] == "dice_lang"
-    assert {k: logged[k] for k in ("loss.w_mask", "loss.w_dice", "loss.w_lang")} == {
-        "loss.w_mask": 0.0,
-        "loss.w_dice": 1.0,
-        "loss.w_lang": 0.5,
+    weights = ("loss.weights.bce", "loss.weights.dice", "loss.weights.lang")
+    assert {k: logged[k] for k in weights} == {
+        "loss.weights.bce": 0.0,
+        "loss.weights.dice": 1.0,
+        "loss.weights.lang": 0.5,
     }
-    assert logged["freeze.name"] == "sam2_full" and logged["freeze.lora.r"] == 128
+    assert logged["freeze.name"] == "sam2_full" and logged["model.lora.r"] == 128
     assert logged["optim.lr_mult.text_hidden_fcs"] == 10.0
-    assert ablation_keys(compose_cfg())["freeze.lora.r"] is None  # tiny model: no LoRA
+    assert ablation_keys(compose_cfg())["model.lora.r"] is None  # tiny model: no LoRA
     assert HydraConfig.initialized()
 
 
