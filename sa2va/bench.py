@@ -32,9 +32,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sa2va.benchmarks.harness import (
-    run_bench,
-)
+from sa2va.benchmarks.run import run_bench
 from sa2va.training.config import register_schemas
 from sa2va.utils import CONF_DIR
 

@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 from helpers.configs import FAST_DATA
 
-from sa2va.benchmarks.harness import (
-    DOC_BEGIN,
-    DOC_END,
-    Bench,
-    Row,
-    interleave,
-    run_bench,
-    update_doc,
-)
+from sa2va.benchmarks.harness import Bench, Row, interleave
+from sa2va.benchmarks.report import DOC_BEGIN, DOC_END, update_doc
+from sa2va.benchmarks.run import run_bench
 
 SMOKE = [
     *FAST_DATA,
