@@ -35,7 +35,7 @@ class Row:
     a: float
     b: float
     unit: str
-    goal: str | None = None  # "<= 1.05", ">= 3"
+    goal: str | None = None  # "<= 1.05", ">= 3", "within 0.1" (|ratio - 1| <= 0.1)
     identical: bool | None = None  # None: the variants compute different things
     note: str = ""
     ratio: float = field(init=False)
@@ -46,9 +46,14 @@ class Row:
         self.met = None
         if self.goal:
             op, value = self.goal.split()
-            if op not in ("<=", ">="):
-                raise ValueError(f"goal {self.goal!r}: write '<= x' or '>= x'")
-            self.met = self.ratio <= float(value) if op == "<=" else self.ratio >= float(value)
+            checks = {
+                "<=": lambda bound: self.ratio <= bound,
+                ">=": lambda bound: self.ratio >= bound,
+                "within": lambda bound: abs(self.ratio - 1) <= bound,
+            }
+            if op not in checks:
+                raise ValueError(f"goal {self.goal!r}: write '<= x', '>= x' or 'within x'")
+            self.met = checks[op](float(value))
 
 
 @dataclass
@@ -167,7 +172,8 @@ class Bench:
         # speed and memory need the shape, not trained weights: random ones are allowed
         cfg = self.config(cfg, requires_pretrained=False)
         L.seed_everything(cfg.seed)
-        module, datamodule = build(cfg)
+        with self.device:  # weights are created (and initialised) where they will run
+            module, datamodule = build(cfg)
         mllm = cfg.model.get("mllm") or {}
         vocab_size = ((mllm.get("config") or {}).get("text_config") or {}).get("vocab_size")
         if mllm and mllm.get("path") is None and vocab_size:  # a real shape, random weights
@@ -287,3 +293,8 @@ def per_item(clock: Clock, fn: Callable[[], Any], items: int) -> Callable[[], tu
         return seconds / items, out
 
     return timed
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest absolute difference between two runs' tensors, pairwise (0 for empty ones)."""
+    return max(float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b, strict=True))

@@ -90,16 +90,24 @@ def markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_doc(path: Path, fragment: str) -> None:
-    """Replace the text between the bench markers of ``path`` (create the file if needed)."""
-    block = f"{DOC_BEGIN}\n{fragment}{DOC_END}\n"
+def doc_markers(block: str | None = None) -> tuple[str, str]:
+    """The markers of a results block: the full bench's (None) or a preset's ("gpu")."""
+    if block is None:
+        return DOC_BEGIN, DOC_END
+    return f"<!-- sa2va.bench:{block}:begin -->", f"<!-- sa2va.bench:{block}:end -->"
+
+
+def update_doc(path: Path, fragment: str, block: str | None = None) -> None:
+    """Replace the text between the markers of ``block`` in ``path`` (appending the block,
+    or creating the file, if needed)."""
+    begin, end = doc_markers(block)
     text = path.read_text() if path.is_file() else ""
-    if DOC_BEGIN in text and DOC_END in text:
-        head, rest = text.split(DOC_BEGIN, 1)
-        tail = rest.split(DOC_END, 1)[1]
-        text = head + block + tail.removeprefix("\n")  # the block brought its own newline
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        text = head + f"{begin}\n{fragment}{end}\n" + tail.removeprefix("\n")
     else:
-        text = (text.rstrip("\n") + "\n\n" if text else "") + block
+        text = (text.rstrip("\n") + "\n\n" if text else "") + f"{begin}\n{fragment}{end}\n"
     atomic_write_bytes(path, text.encode())
 
 

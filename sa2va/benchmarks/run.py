@@ -17,9 +17,12 @@ import torch
 from omegaconf import DictConfig
 
 from sa2va.benchmarks.data import bench_data
+from sa2va.benchmarks.generation import bench_generation
+from sa2va.benchmarks.gpu import bench_gpu, prepare_gpu_check
 from sa2va.benchmarks.harness import Bench, Results
 from sa2va.benchmarks.inference import bench_inference
 from sa2va.benchmarks.memory import bench_memory
+from sa2va.benchmarks.propagation import bench_propagation, bench_sam2_compile
 from sa2va.benchmarks.report import machine, markdown, print_table, update_doc
 from sa2va.benchmarks.training import bench_feature_cache, bench_throughput, bench_train_loop
 from sa2va.overrides import hydra_overrides
@@ -31,9 +34,13 @@ SECTIONS: dict[str, Callable[[Bench], Results]] = {
     "train_loop": bench_train_loop,
     "data": bench_data,
     "inference": bench_inference,
+    "generation": bench_generation,
+    "propagation": bench_propagation,
+    "sam2_compile": bench_sam2_compile,
     "feature_cache": bench_feature_cache,
     "memory": bench_memory,
     "throughput": bench_throughput,
+    "gpu": bench_gpu,
 }
 
 
@@ -76,10 +83,12 @@ def _quiet() -> Iterator[None]:
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured sections; write bench.json / bench.md (and ``bench.doc``)."""
-    bench = Bench(cfg)
     unknown = set(cfg.bench.sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"bench.sections: unknown {sorted(unknown)}; choose from {list(SECTIONS)}")
+    if "gpu" in cfg.bench.sections:  # its plan needs no GPU; it refuses to go on without one
+        prepare_gpu_check(cfg, Path(cfg.paths.output_dir) / "gpu_plan.json")
+    bench = Bench(cfg)
     load_before = os.getloadavg()
     results = Results()
     wall: dict[str, float] = {}
@@ -110,6 +119,6 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_json(bench.output_dir / "bench.json", report)
     atomic_write_bytes(bench.output_dir / "bench.md", fragment.encode())
     if cfg.bench.doc:
-        update_doc(Path(cfg.bench.doc), fragment)
+        update_doc(Path(cfg.bench.doc), fragment, cfg.bench.doc_block)
     print_table(report)
     return report
