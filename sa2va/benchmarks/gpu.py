@@ -113,6 +113,11 @@ def _run_case(
     bench: Bench, case: TrainCase, flops: dict[int, float]
 ) -> tuple[list[Row], list[Measure]]:
     opts = bench.opts.gpu
+    capacity = torch.cuda.get_device_properties(bench.device).total_memory / GIB
+    if case.predicted_gib > capacity:  # would only run out of memory: say so instead
+        note = f"not run: predicted over this GPU's {capacity:.0f} GiB"
+        skipped = Measure("gpu", f"{case.label}: predicted peak", case.predicted_gib, "GiB", note)
+        return [], [skipped]
     cfg = compose_config("bench", [*case.overrides, "bench=gpu"])
     with open_dict(cfg):
         cfg.paths = bench.cfg.paths

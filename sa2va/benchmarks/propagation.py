@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from sa2va.benchmarks.harness import Bench, Results, Row, interleave, max_diff, per_item
+from sa2va.benchmarks.harness import Bench, Measure, Results, Row, interleave, max_diff, per_item
 from sa2va.data.datamodule import load_rgb
 from sa2va.evaluation.metrics import iou
 from sa2va.model.processor import Sa2VAProcessor
@@ -52,10 +52,16 @@ def bench_propagation(bench: Bench) -> Results:
     with tempfile.TemporaryDirectory() as folder:
         for index, record in enumerate(records):  # the predictor reads "<index>.jpg"
             (Path(folder) / f"{index:05d}.jpg").symlink_to(Path(record.image_path).resolve())
-        return Results(rows=[_size_row(bench, size, folder) for size in opts.sizes])
+        results = Results()
+        for size in opts.sizes:
+            row, overlap = _size_row(bench, size, folder)
+            results.rows.append(row)
+            results.measures.append(overlap)
+        return results
 
 
-def _size_row(bench: Bench, size: Mapping[str, Any], folder: str) -> Row:
+def _size_row(bench: Bench, size: Mapping[str, Any], folder: str) -> tuple[Row, Measure]:
+    """The row of one SAM2 size and the memory-tracked masks' mean IoU against the peer's."""
     opts = bench.opts.propagation
     cfg = sam2_config(size["sam2"], size.get("image_size"))
     torch.manual_seed(bench.cfg.seed)
@@ -102,7 +108,14 @@ def _size_row(bench: Bench, size: Mapping[str, Any], folder: str) -> Row:
     ]
     times = ", ".join(f"{name} {1e3 * medians[name]:.1f} ms" for name in [*variants, "predictor"])
     label = f"{size['sam2']} at {sam2.image_size} px"
-    return Row(
+    overlap = Measure(
+        "propagation",
+        f"{label}: memory-tracked frames' mean IoU vs the predictor",
+        statistics.mean(tracked),
+        "",
+        "frames 2+, masks at logit 0; random weights: agreement of the two trackers only",
+    )
+    row = Row(
         "propagation",
         f"propagate / SAM2VideoPredictor, {label}, s per frame",
         medians[best],
@@ -116,6 +129,7 @@ def _size_row(bench: Bench, size: Mapping[str, Any], folder: str) -> Row:
             f"frames' mean IoU vs the predictor: {statistics.mean(tracked):.3f}"
         ),
     )
+    return row, overlap
 
 
 def bench_sam2_compile(bench: Bench) -> Results:
