@@ -60,7 +60,12 @@ def _threads(count: int | None) -> Iterator[None]:
 def _quiet() -> Iterator[None]:
     """Per-fit banners (Lightning's, the module's parameter table, the data summary) and the
     single-process DataLoader hints would bury the table."""
-    names = ("lightning.pytorch", "lightning.fabric", "sa2va.module", "sa2va.data.datamodule")
+    names = (
+        "lightning.pytorch",
+        "lightning.fabric",
+        "sa2va.training.module",
+        "sa2va.data.datamodule",
+    )
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
