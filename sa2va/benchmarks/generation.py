@@ -86,6 +86,8 @@ def _depth_rows(bench: Bench, layers: int) -> list[Row]:
     opts = bench.opts.generation
     module, datamodule = bench.build(bench.config(model=llm_shape_model(bench, layers)))
     model = module.model.eval()
+    if opts.dtype:  # the whole model, so the [SEG] states meet a projector of their dtype
+        model.to(getattr(torch, opts.dtype))
     records = next(iter(datamodule.videos("test").values()))[: int(opts.frames)]
     frames = [load_rgb(r.image_path) for r in records]
     prompt = datamodule.prompt_template.format(name=records[0].object_names[0])

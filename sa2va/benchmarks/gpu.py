@@ -10,6 +10,7 @@ under the GPU device, so its random weights are materialised there without a CPU
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from dataclasses import asdict, dataclass
@@ -122,6 +123,7 @@ def _run_case(
     with open_dict(cfg):
         cfg.paths = bench.cfg.paths
     case_bench = Bench(cfg)
+    gc.collect()  # the previous case's model and engine
     torch.cuda.empty_cache()
     module, datamodule = case_bench.build()
     batch = case_bench.first_batch(datamodule)
@@ -148,7 +150,10 @@ def _run_case(
     ]
     if case.micro_batch in flops:
         mfu = flops[case.micro_batch] / step / (float(opts.peak_tflops) * 1e12)
-        note = f"model FLOPs without recomputation; peak {opts.peak_tflops} TFLOP/s"
+        note = (
+            "FLOPs of one forward + backward at this micro-batch (torch.utils.flop_counter, "
+            f"first bf16 case run); peak {opts.peak_tflops} TFLOP/s"
+        )
         measures.append(Measure("gpu", f"{case.label}: MFU", mfu, "", note))
     row = Row(
         "gpu",
