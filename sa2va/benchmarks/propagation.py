@@ -106,6 +106,7 @@ def _size_row(bench: Bench, size: Mapping[str, Any], folder: str) -> tuple[Row, 
     tracked = [
         iou(a > 0, b > 0) for a, b in zip(outputs[best][1:], outputs["predictor"][1:], strict=True)
     ]
+    blanked = sum(not bool((mask > 0).any()) for mask in outputs["predictor"][1:])
     times = ", ".join(f"{name} {1e3 * medians[name]:.1f} ms" for name in [*variants, "predictor"])
     label = f"{size['sam2']} at {sam2.image_size} px"
     overlap = Measure(
@@ -113,7 +114,9 @@ def _size_row(bench: Bench, size: Mapping[str, Any], folder: str) -> tuple[Row, 
         f"{label}: memory-tracked frames' mean IoU vs the predictor",
         statistics.mean(tracked),
         "",
-        "frames 2+, masks at logit 0; random weights: agreement of the two trackers only",
+        f"frames 2+, masks at logit 0; random weights: agreement of the two trackers only; "
+        f"the predictor's mask is empty on {blanked} of {n - 1} (SAM2 blanks a mask whose "
+        "object score is <= 0; Sa2VA's propagation, as the official one, does not)",
     )
     row = Row(
         "propagation",
