@@ -30,4 +30,3 @@ def test_the_gpu_check_plans_every_case_then_refuses_without_cuda(compose_cfg, t
     zero3 = predicted["zero3", 1, False]["overrides"]
     assert "trainer=deepspeed_stage_3" in zero3 and "trainer.devices=1" in zero3
     assert "model.gradient_checkpointing=false" in zero3 and "data.batch_size=1" in zero3
-
