@@ -1,30 +1,26 @@
-"""Benchmarks: ``python -m sa2va.bench [bench.sections=[data,memory]] [bench.doc=PATH]``.
+"""Benchmarks: ``python -m sa2va.bench [bench=quick|gpu] [bench.sections=[...]] [bench.doc=PATH]``.
 
 Every comparison runs its variants in this one process, interleaved: warm-up rounds first,
 then ``bench.repeats`` rounds that alternate the order (A B, B A, ...), and the row reports
-medians over the rounds and their ratio. Where two variants must compute the same thing
-(Lightning vs a bare loop, ``fast`` vs ``generate``, with vs without the feature cache) the
+medians over the rounds and their ratio. Where two variants must compute the same thing the
 row also says whether they did. On a shared CPU only ratios mean something; absolute times
-and throughput count on a GPU (``bench.device=cuda``).
+and throughput count on a GPU. The sections (``bench.sections``), one module each in
+:mod:`sa2va.benchmarks`:
 
-Sections (``bench.sections``):
+* ``train_loop``: Lightning's fit vs a bare loop (goal <= 1.05).
+* ``data``: the data set vs raw JPEG decode; data wait vs model time (goal <= 0.1).
+* ``inference``: ``fast`` vs ``generate``, batching and video modes on the tiny model.
+* ``generation``: ``generate`` / ``fast`` on a real LLM shape with random weights (goal
+  <= 1.3 at 24 layers of Qwen2.5-0.5B), and ``fast`` vs its former full-vocabulary pass.
+* ``propagation``: ``propagate`` vs Meta's ``SAM2VideoPredictor`` per SAM2 size (goal <= 1.0).
+* ``sam2_compile``: the SAM2 image encoder with and without ``torch.compile``.
+* ``feature_cache``, ``memory``, ``throughput``: cache on vs off, peak memory, FLOPs and MFU.
+* ``gpu``: the GPU check's training cases against ``sa2va.plan`` (``bench=gpu``).
 
-* ``train_loop``: ``lightning.Trainer.fit`` on a fixed in-memory batch vs a bare PyTorch loop
-  running the same forward/loss/backward/clip/step on the same model (goal <= 1.05).
-* ``data``: the data set (decode + rasterise + both views + tokenise) vs raw JPEG decode of
-  the same files; data wait vs model time per training step (goal << 1).
-* ``inference``: ``fast`` vs ``generate`` per frame at identical masks (goal >= 3) once the
-  tiny LM has learned the answer; batch 1 vs 4; video ``propagate`` vs ``per_frame``; and
-  ``propagate`` vs the SAM2 image encoder + mask decoder alone (goal <= 1.3).
-* ``feature_cache``: epochs with frozen encoders, cache on vs off (identical losses).
-* ``memory``: peak RSS of each variant, one fresh subprocess per variant.
-* ``throughput``: samples/s, tokens/s, FLOPs per step (``torch.utils.flop_counter``) and MFU
-  (given ``bench.throughput.peak_tflops``), e.g. for ``model=sa2va_8b`` on a GPU: without its
-  local files that is the 8B shape with random weights (see :meth:`Bench.build`).
-
+Presets (``conf/bench/``): ``default`` (everything but the GPU check), ``quick`` (every goal,
+minutes on 2 cores), ``gpu`` (one GPU; refuses to start without CUDA once its plan is built).
 Outputs: the table on stdout, ``bench.json`` and ``bench.md`` in the run dir, and with
-``bench.doc`` the Markdown fragment between the bench markers of that file
-(``bench.doc=docs/benchmarks.md`` rewrites the table in the docs).
+``bench.doc`` the Markdown fragment between that preset's markers of that file.
 """
 
 from __future__ import annotations
@@ -32,9 +28,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sa2va.benchmarks.harness import (
-    run_bench,
-)
+from sa2va.benchmarks.run import run_bench
 from sa2va.training.config import register_schemas
 from sa2va.utils import CONF_DIR
 

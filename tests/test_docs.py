@@ -116,7 +116,7 @@ def test_readme_is_short():
 def test_the_benchmark_table_has_one_block_to_rewrite():
     """``sa2va.bench bench.doc=docs/benchmarks.md`` replaces the text between the markers;
     without exactly one pair it would append a second table instead."""
-    from sa2va.benchmarks.harness import DOC_BEGIN, DOC_END
+    from sa2va.benchmarks.report import DOC_BEGIN, DOC_END
 
     text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
     assert text.count(DOC_BEGIN) == 1 and text.count(DOC_END) == 1

@@ -75,36 +75,42 @@ def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(items[start : start + size])
 
 
-def _clip_batch(
+def _fast_batch(
     model: SegmentationModel,
     clips: list[list[Image.Image]],
     prompts: Sequence[str],
     answers: list[str],
-    mode: str,
-    max_new_tokens: int,
     prompt_masks: list[Tensor] | None = None,
-) -> tuple[dict[str, Any], list[list[str]]]:
-    """On-device batch of clips with fixed answers (fast), or of one clip with generated ones.
+) -> dict[str, Any]:
+    """On-device batch of clips with the fixed (teacher-forced) answers, without labels.
 
     ``prompt_masks`` (per clip (T, M, H, W) ground truth) go in as ``masks`` for a model
     prompted from the ground truth (``oracle_prompt``).
     """
-    if mode == "generate":
-        if len(clips) != 1:
-            raise ValueError("generate mode decodes one clip at a time")
-        batch, texts = model.prepare_inputs(
-            clips[0], prompts, "generate", max_new_tokens=max_new_tokens
-        )
-        return batch, [texts]
-    if mode != "fast":
-        raise ValueError(f"mode must be 'fast' or 'generate', got {mode!r}")
     samples = [model.processor(clip, prompts, answers) for clip in clips]
     batch = model.processor.collate(samples)
     if prompt_masks is not None:
         batch["masks"] = prompt_masks
     batch = batch_to_device(batch, model_device(model))
     batch.pop("labels", None)
-    return batch, [answers] * len(clips)
+    return batch
+
+
+def _clip_prompts(
+    model: Sa2VA,
+    clip: list[Image.Image],
+    prompts: Sequence[str],
+    answers: list[str],
+    mode: str,
+    max_new_tokens: int,
+) -> tuple[Tensor, list[str]]:
+    """[SEG] embeddings (M, C) of one clip and its answers: fixed ones (fast), or generated
+    ones with the states read from generation itself (no second pass)."""
+    if mode == "generate":
+        texts, embeddings = model.generate_seg_embeddings(clip, prompts, max_new_tokens)
+        return embeddings, texts
+    _, embeddings, _ = model.seg_embeddings(_fast_batch(model, [clip], prompts, answers))
+    return embeddings, answers
 
 
 @torch.no_grad()
@@ -133,6 +139,8 @@ def segment_video(
     model with ``oracle_prompt`` is prompted from (``per_frame`` only). Call on a model in
     eval mode.
     """
+    if mode not in ("fast", "generate"):
+        raise ValueError(f"mode must be 'fast' or 'generate', got {mode!r}")
     if video_mode not in VIDEO_MODES:
         raise ValueError(f"video_mode must be one of {VIDEO_MODES}, got {video_mode!r}")
     if not frames or not prompts:
@@ -160,15 +168,17 @@ def segment_video(
         )
     logits: list[Tensor] = []
     texts: list[list[str]] = []
-    step = 1 if mode == "generate" else batch_size
-    for chunk in _chunks(range(len(frames)), step):
-        clips = [[frames[t]] for t in chunk]
+    if mode == "generate":  # one frame per MLLM call
+        for frame in frames:
+            out = model.predict_forward([frame], prompts, "generate", max_new_tokens=max_new_tokens)
+            logits.append(out["masks"][0])
+            texts.append(out["text"])
+        return VideoPrediction(logits=logits, answers=texts)
+    for chunk in _chunks(range(len(frames)), batch_size):
         masks = None if prompt_masks is None else [prompt_masks[t][None] for t in chunk]
-        batch, chunk_texts = _clip_batch(
-            model, clips, prompts, answer_list, mode, max_new_tokens, masks
-        )
+        batch = _fast_batch(model, [[frames[t]] for t in chunk], prompts, answer_list, masks)
         logits += [masks[0] for masks in model(batch).pred_masks]
-        texts += chunk_texts
+        texts += [answer_list] * len(chunk)
     return VideoPrediction(logits=logits, answers=texts)
 
 
@@ -199,19 +209,18 @@ def _propagate(
     memory_dtype: str | None,
 ) -> VideoPrediction:
     num_cond = min(len(frames), key_frames or model.processor.mllm_frames)
-    batch, texts = _clip_batch(
-        model, [list(frames[:num_cond])], prompts, answers, mode, max_new_tokens
+    embeddings, texts = _clip_prompts(
+        model, list(frames[:num_cond]), prompts, answers, mode, max_new_tokens
     )
-    _, embeddings, _ = model.seg_embeddings(batch)
     size = model.sam2.image_size
     if embeddings.shape[0] == 0:  # no [SEG] in the answers: no masks
         empty = embeddings.new_zeros(0, size, size)
-        return VideoPrediction(logits=[empty] * len(frames), answers=texts * len(frames))
+        return VideoPrediction(logits=[empty] * len(frames), answers=[texts] * len(frames))
     images = [model.processor.sam2_view(f) for f in frames]
     dtype = getattr(torch, memory_dtype) if memory_dtype else None
     outputs = model.sam2.propagate(images, embeddings, num_cond, batch_size, dtype)
     logits = [upsample(out.low_res_masks[:, 0], size) for out in outputs]
-    return VideoPrediction(logits=logits, answers=texts * len(frames))
+    return VideoPrediction(logits=logits, answers=[texts] * len(frames))
 
 
 def probabilities(logits: Tensor, size_hw: tuple[int, int]) -> Tensor:

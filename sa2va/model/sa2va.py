@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from torch import Tensor, nn
+from transformers import LogitsProcessorList
 
 from sa2va.model.feature_cache import FeatureCache, cached_encoders
 from sa2va.model.lora import lora_settings
@@ -164,7 +165,14 @@ class Sa2VA(ClipPredictor, nn.Module):
     def _mllm_hidden(
         self, batch: Mapping[str, Any], vision: Callable[[Tensor], Tensor] | None = None
     ) -> tuple[Tensor | None, Tensor]:
-        """LM loss and last-layer states; ``vision`` stands in for the vision tower."""
+        """LM loss (with `labels`) and last-layer states (B, L, D); ``vision`` stands in for
+        the vision tower.
+
+        Without labels nothing reads vocabulary logits: the output layer scores no position
+        (an empty `logits_to_keep`).
+        """
+        labels = batch.get("labels")
+        keep = 0 if labels is not None else torch.empty(0, dtype=torch.long)
         pixel_values = batch["pixel_values"].to(self.mllm.dtype)
         inputs: dict[str, Tensor] = {"input_ids": batch["input_ids"]}
         if vision is None:
@@ -179,7 +187,8 @@ class Sa2VA(ClipPredictor, nn.Module):
         out = self.mllm(
             **inputs,
             attention_mask=batch["attention_mask"],
-            labels=batch.get("labels"),
+            labels=labels,
+            logits_to_keep=keep,
             output_hidden_states=True,
             return_dict=True,
         )
@@ -254,6 +263,34 @@ class Sa2VA(ClipPredictor, nn.Module):
 
     # ---- inference --------------------------------------------------------------------
     @torch.no_grad()
+    def predict_forward(
+        self,
+        frames: Sequence[Image.Image],
+        prompts: Sequence[str],
+        mode: str = "fast",
+        answer: str = DEFAULT_ANSWER,
+        max_new_tokens: int = 32,
+        logits_processor: LogitsProcessorList | None = None,
+    ) -> dict[str, Any]:
+        """Answer text and mask logits (T, M, H, W) for one clip.
+
+        `fast` appends the fixed `answer` and runs one forward pass; `generate` decodes
+        the answer autoregressively and reads the [SEG] states from that same pass, as the
+        official model does (see :meth:`generate_seg_embeddings`). Both give the same masks
+        whenever the generated answer equals `answer`, up to KV-cache rounding (float32:
+        states within ~1e-6). `logits_processor` steers generation (e.g. a forced answer).
+        """
+        if mode == "generate":
+            texts, embeddings = self.generate_seg_embeddings(
+                frames, prompts, max_new_tokens, logits_processor
+            )
+            device = embeddings.device
+            views = torch.stack([self.processor.sam2_view(f) for f in frames]).to(device)
+            masks, _ = self.decode([views], embeddings, [embeddings.shape[0]])
+            return {"text": texts, "masks": masks[0], "seg_count": embeddings.shape[0]}
+        return super().predict_forward(frames, prompts, mode, answer, max_new_tokens)
+
+    @torch.no_grad()
     def prepare_inputs(
         self,
         frames: Sequence[Image.Image],
@@ -262,22 +299,16 @@ class Sa2VA(ClipPredictor, nn.Module):
         answer: str = DEFAULT_ANSWER,
         max_new_tokens: int = 32,
     ) -> tuple[dict[str, Any], list[str]]:
-        """One clip as an on-device batch without labels, plus its answer texts.
-
-        `fast` appends the fixed `answer` (one forward pass then reads its [SEG] states);
-        `generate` decodes the answer autoregressively (as the official model does), and the
-        [SEG] states come from one forward pass over the generated sequence — so both modes
-        give identical masks whenever the generated answer equals `answer`.
-        """
+        """One clip as an on-device batch without labels, plus its answer texts (`fast`:
+        `answer` for every prompt; `generate`: the decoded answers)."""
         if mode not in ("fast", "generate"):
             raise ValueError(f"predict mode must be 'fast' or 'generate', got {mode!r}")
-        device = model_device(self)
         if mode == "fast":
-            sample = self.processor(frames, prompts, [answer] * len(prompts))
             texts = [answer] * len(prompts)
         else:
-            sample, texts = self._generate_answers(frames, prompts, max_new_tokens, device)
-        batch = batch_to_device(self.processor.collate([sample]), device)
+            texts, _ = self.generate_seg_embeddings(frames, prompts, max_new_tokens)
+        sample = self.processor(frames, prompts, texts)
+        batch = batch_to_device(self.processor.collate([sample]), model_device(self))
         batch.pop("labels")
         return batch, texts
 
@@ -288,23 +319,75 @@ class Sa2VA(ClipPredictor, nn.Module):
         self.tokenizer.save_pretrained(folder)
         self.processor.image_processor.save_pretrained(folder)
 
-    def _generate_answers(
-        self, frames: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int, device
-    ) -> tuple[dict[str, Tensor], list[str]]:
-        """Generate each turn's answer in order, feeding earlier answers back as history."""
+    @torch.no_grad()
+    def generate_seg_embeddings(
+        self,
+        frames: Sequence[Image.Image],
+        prompts: Sequence[str],
+        max_new_tokens: int = 32,
+        logits_processor: LogitsProcessorList | None = None,
+    ) -> tuple[list[str], Tensor]:
+        """Each turn's answer, generated in order (earlier answers fed back as history), and
+        the projected [SEG] embeddings (M, C) in reading order, all from generation itself.
+
+        The last turn's generation returns its last-layer states: its prefill covers every
+        earlier turn (prompts and answers, as `fast` reads them) and each decoding step the
+        token it was fed, so the LLM runs once per new token and never again over the whole
+        sequence. Only the newest token is never fed back; when the kept answer ends in
+        [SEG] one more cached step reads its state.
+        """
         answers: list[str] = []
-        suffix = self.processor.template.suffix
         for turn in range(len(prompts)):
-            sample = self.processor(frames, prompts[: turn + 1], answers)
-            input_ids = sample["input_ids"].unsqueeze(0).to(device)
-            generated = self.mllm.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                pixel_values=sample["pixel_values"].to(device, self.mllm.dtype),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
+            last = turn == len(prompts) - 1
+            text, generation, prompt_length = self._generate_turn(
+                frames, prompts[: turn + 1], answers, max_new_tokens, logits_processor, last
             )
-            new_tokens = generated[0, input_ids.shape[1] :]
-            text = self.tokenizer.decode(new_tokens, skip_special_tokens=False)
-            answers.append(text.split(suffix)[0])
-        return self.processor(frames, prompts, answers), answers
+            answers.append(text)
+        states = torch.cat([step[-1][0] for step in generation.hidden_states])
+        sequence = generation.sequences[0]
+        positions = torch.nonzero(sequence == self.seg_token_id).flatten()
+        # the prompt's [SEG]s, then the kept answer's (none from tokens after its end of turn)
+        in_answer = positions >= prompt_length
+        answer_positions = positions[in_answer][: text.count(SEG_TOKEN)]
+        positions = torch.cat([positions[~in_answer], answer_positions])
+        if positions.numel() and int(positions[-1]) == states.shape[0]:
+            states = torch.cat([states, self._next_state(sequence[-1:], generation)])
+        return answers, self.text_hidden_fcs(states[positions])
+
+    def _generate_turn(
+        self,
+        frames: Sequence[Image.Image],
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        max_new_tokens: int,
+        logits_processor: LogitsProcessorList | None,
+        with_states: bool,
+    ) -> tuple[str, Any, int]:
+        """Greedy answer to the last of `prompts` (text up to the end of turn), the generation
+        output (last-layer states per step with `with_states`) and the prompt's length.
+
+        Generation computes vocabulary logits for the newest position only (transformers
+        passes ``logits_to_keep=1``), never over the prompt.
+        """
+        sample = self.processor(frames, prompts, answers)
+        input_ids = sample["input_ids"].unsqueeze(0).to(model_device(self))
+        generation = self.mllm.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            pixel_values=sample["pixel_values"].to(model_device(self), self.mllm.dtype),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            logits_processor=logits_processor,
+            output_hidden_states=with_states,
+            return_dict_in_generate=True,
+        )
+        new_tokens = generation.sequences[0, input_ids.shape[1] :]
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=False)
+        return text.split(self.processor.template.suffix)[0], generation, input_ids.shape[1]
+
+    def _next_state(self, token: Tensor, generation: Any) -> Tensor:
+        """Last-layer state (1, D) of the final generated token: one cached LLM step."""
+        out = self.language_model(
+            input_ids=token.unsqueeze(0), past_key_values=generation.past_key_values
+        )
+        return out.last_hidden_state[0]

@@ -12,15 +12,9 @@ from pathlib import Path
 import pytest
 from helpers.configs import FAST_DATA
 
-from sa2va.benchmarks.harness import (
-    DOC_BEGIN,
-    DOC_END,
-    Bench,
-    Row,
-    interleave,
-    run_bench,
-    update_doc,
-)
+from sa2va.benchmarks.harness import Bench, Row, interleave
+from sa2va.benchmarks.report import DOC_BEGIN, DOC_END, update_doc
+from sa2va.benchmarks.run import run_bench
 
 SMOKE = [
     *FAST_DATA,
@@ -39,6 +33,15 @@ SMOKE = [
     "bench.memory.steps=1",
     "bench.memory.variants=[bare]",
     "bench.throughput.steps=1",
+    # the LLM-dominated shape and the SAM2 sizes, cut to the tiny model's
+    "bench.generation.shape=sa2va_tiny",
+    "bench.generation.layers=[1]",
+    "bench.generation.goal_layers=1",
+    "bench.generation.vision_config={image_size:[64,64],patch_size:[8,8]}",
+    "bench.generation.frames=1",
+    "bench.propagation.sizes=[{sam2:tiny}]",
+    "bench.propagation.frames=3",
+    "bench.propagation.batch_sizes=[1,2]",
 ]
 
 
@@ -75,7 +78,9 @@ def report(root: Path) -> dict:
     """The sections whose variants must agree exactly (fast enough for every test run)."""
     doc = root / "doc.md"
     doc.write_text(f"# Benchmarks\n\nhand-written intro\n\n{DOC_BEGIN}\nold\n{DOC_END}\nafter\n")
-    return smoke_run(root, ["train_loop", "inference"], f"bench.doc={doc}")
+    return smoke_run(
+        root, ["train_loop", "inference", "generation", "propagation"], f"bench.doc={doc}"
+    )
 
 
 def rows_of(report: dict, section: str) -> dict[str, dict]:
@@ -95,14 +100,33 @@ def test_lightning_matches_the_bare_loop_and_both_predict_modes_agree(report):
     inference = rows_of(report, "inference")
     assert inference["generate / fast, s per frame"]["identical"] is True
     assert inference["per_frame batch 1 / batch 2, s per frame"]["identical"] is True
-    assert {r["goal"] for r in inference.values()} == {">= 3", "<= 1.3", None}
+    assert {r["goal"] for r in inference.values()} == {None}  # goals: generation, propagation
     assert report["machine"]["cores_usable"] >= 1 and report["machine"]["device"] == "cpu"
+
+
+def test_generation_rows_compare_generate_and_both_fast_passes(report):
+    rows = rows_of(report, "generation")
+    generate = rows["generate / fast at 1 LLM layers, s per frame"]
+    assert generate["identical"] is True and generate["goal"] == "<= 1.3"
+    assert "['Sure, [SEG].']" in generate["note"]
+    before = rows["fast / fast with vocabulary logits (before) at 1 LLM layers, s per frame"]
+    assert before["identical"] is True and before["goal"] is None
+
+
+def test_propagation_is_compared_with_sam2_video_predictor(report):
+    (row,) = rows_of(report, "propagation").values()
+    assert row["name"] == "propagate / SAM2VideoPredictor, tiny at 256 px, s per frame"
+    assert row["goal"] == "<= 1.0" and "image-encoder batch chosen by measurement" in row["note"]
+    (overlap,) = [m for m in report["measures"] if m["section"] == "propagation"]
+    assert overlap["name"] == "tiny at 256 px: memory-tracked frames' mean IoU vs the predictor"
+    assert 0.0 <= overlap["value"] <= 1.0
 
 
 def test_outputs_are_written_and_the_doc_fragment_replaced(report, root):
     written = json.loads((root / "run" / "bench.json").read_text())
     assert written["rows"] == report["rows"]
-    assert set(written["section_seconds"]) == {"train_loop", "inference"}
+    sections = {"train_loop", "inference", "generation", "propagation"}
+    assert set(written["section_seconds"]) == sections
     table = (root / "run" / "bench.md").read_text()
     assert "| train_loop | Lightning fit / bare PyTorch loop" in table
     doc = (root / "doc.md").read_text()
@@ -147,7 +171,9 @@ def test_goals_read_as_ratio_bounds():
     assert Row("s", "x", 1.04, 1.0, "s", goal="<= 1.05").met is True
     assert Row("s", "x", 2.0, 1.0, "s", goal=">= 3").met is False
     assert Row("s", "x", 1.0, 1.0, "s").met is None
-    with pytest.raises(ValueError, match="write '<= x' or '>= x'"):
+    assert Row("s", "x", 0.92, 1.0, "s", goal="within 0.1").met is True
+    assert Row("s", "x", 1.12, 1.0, "s", goal="within 0.1").met is False
+    with pytest.raises(ValueError, match="write '<= x', '>= x' or 'within x'"):
         Row("s", "x", 1.0, 1.0, "s", goal="< 2")
 
 
