@@ -23,7 +23,7 @@ from omegaconf import DictConfig, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 from sa2va.benchmarks.harness import Bench, Measure, Results, Row, StepRecorder, repeated_loader
-from sa2va.planning.memory import plan
+from sa2va.planning.report import plan
 from sa2va.utils import CONF_DIR, atomic_write_json
 
 log = logging.getLogger(__name__)
