@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -20,7 +21,8 @@ from sa2va.model.feature_cache import FeatureCache, cached_encoders
 from sa2va.model.mllm import SEG_TOKEN, build_mllm
 from sa2va.model.official import is_sa2va_release, load_release_heads, release_has_sam2
 from sa2va.model.processor import Sa2VAProcessor
-from sa2va.model.sam2 import build_sam2, upsample
+from sa2va.model.sam2 import TemporalFn, build_sam2, upsample
+from sa2va.model.temporal import build_temporal, windowed
 from sa2va.utils import to_plain
 
 DEFAULT_ANSWER = "Sure, [SEG]."
@@ -86,6 +88,8 @@ class Sa2VA(nn.Module):
         sam2_bf16_norm: bool = False,
         gradient_checkpointing: bool = False,
         init_from_sa2va: Mapping[str, Any] | None = None,
+        temporal: str = "none",
+        temporal_window: int = 1,
         load_pretrained: bool = True,
         name: str = "sa2va",
     ) -> None:
@@ -104,6 +108,8 @@ class Sa2VA(nn.Module):
                 "sam2_bf16_norm": sam2_bf16_norm,
                 "gradient_checkpointing": gradient_checkpointing,
                 "init_from_sa2va": dict(init_from_sa2va) if init_from_sa2va else None,
+                "temporal": temporal,
+                "temporal_window": temporal_window,
                 "name": name,
             }
         )
@@ -120,6 +126,9 @@ class Sa2VA(nn.Module):
         self.text_hidden_fcs = build_projector(
             text_dim, self.sam2.sam_prompt_encoder.embed_dim, **(projector or {})
         )
+        # on SAM2's last-level image features, between its encoder and mask decoder
+        self.temporal = build_temporal(temporal, self.sam2.sam_prompt_encoder.embed_dim)
+        self.temporal_window = temporal_window  # frames per training clip: inference windows
         if load_pretrained and is_sa2va_release(mllm.get("path")):
             load_release_heads(self, mllm["path"], with_sam2=release_sam2)
         if init_from_sa2va and load_pretrained:  # {path, include}: an official Sa2VA checkpoint
@@ -196,7 +205,8 @@ class Sa2VA(nn.Module):
                 [images.new_zeros(t_len, 0, size, size) for t_len in lengths],
                 [images.new_zeros(t_len, 0, low, low) for t_len in lengths],
             )
-        features = self.sam2.image_features(images)
+        temporal = partial(self.temporal, lengths=lengths) if self.temporal else None
+        features = self.sam2.image_features(images, temporal)
         image_index, prompt_index = [], []
         frame_offset, prompt_offset = 0, 0
         for t_len, m in zip(lengths, counts, strict=True):
@@ -219,6 +229,19 @@ class Sa2VA(nn.Module):
             return [chunk.view(t_len, m, *chunk.shape[-2:]) for chunk, t_len, m in chunks]
 
         return per_sample(logits), per_sample(low_res)
+
+    def video_temporal(self, overlap: int) -> TemporalFn | None:
+        """The temporal module over a whole video's (T, C, h, w) features: windows of the
+        training clip length, ``overlap`` frames shared by consecutive windows (averaged)."""
+        if self.temporal is None:
+            return None
+        temporal = self.temporal
+        return partial(
+            windowed,
+            lambda x: temporal(x, [x.shape[0]]),
+            window=self.temporal_window,
+            overlap=overlap,
+        )
 
     def seg_embeddings(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor, list[int]]:
         """The language half of `forward`: LM loss, projected [SEG] embeddings, counts per sample.

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 # families of sa2va.training.freeze.MODULE_FAMILIES in forward order: a family saves activations
 # when it or any family before it trains
-FORWARD_ORDER = ["vision", "mm_connector", "llm", "projector", "sam2_decoder"]
+FORWARD_ORDER = ["vision", "mm_connector", "llm", "projector", "temporal", "sam2_decoder"]
 
 
 # ------------------------------------------------------------------ the model on meta

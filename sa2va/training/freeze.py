@@ -21,6 +21,7 @@ MODULE_FAMILIES: list[tuple[str, str]] = [
     ("mm_connector", r"multi_modal_projector\."),
     ("llm", r"language_model\.|lm_head\."),
     ("projector", r"text_hidden_fcs\."),
+    ("temporal", r"^temporal\."),
     ("sam2_encoder", r"sam2\.image_encoder\."),
     ("sam2_decoder", r"sam2\.(sam_mask_decoder|sam_prompt_encoder)\."),
     ("sam2_memory", r"sam2\."),
