@@ -36,6 +36,8 @@ class SyntheticSchema:
     seed: int = MISSING
     speckle_looks: float = MISSING
     contrast: float = MISSING
+    low_contrast_frames: float = MISSING
+    low_contrast_factor: float = MISSING
 
 
 @dataclass
