@@ -21,7 +21,7 @@ from sa2va.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-METRICS = ("val/dice", "val/iou", "val/precision", "val/recall")
+METRICS = ("val/dice", "val/iou", "val/precision", "val/recall", "val/hd95", "val/tci")
 BEST = "val/dice (best)"  # ModelCheckpoint's best score (max val/dice over validations)
 CURVES = ("val/dice", "train/loss")
 STATUSES = ("completed", "failed", "missing")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -205,8 +204,7 @@ class Sa2VA(nn.Module):
                 [images.new_zeros(t_len, 0, size, size) for t_len in lengths],
                 [images.new_zeros(t_len, 0, low, low) for t_len in lengths],
             )
-        temporal = partial(self.temporal, lengths=lengths) if self.temporal else None
-        features = self.sam2.image_features(images, temporal)
+        features = self.sam2.image_features(images, self.temporal_fn(lengths))
         image_index, prompt_index = [], []
         frame_offset, prompt_offset = 0, 0
         for t_len, m in zip(lengths, counts, strict=True):
@@ -230,18 +228,26 @@ class Sa2VA(nn.Module):
 
         return per_sample(logits), per_sample(low_res)
 
-    def video_temporal(self, overlap: int) -> TemporalFn | None:
-        """The temporal module over a whole video's (T, C, h, w) features: windows of the
-        training clip length, ``overlap`` frames shared by consecutive windows (averaged)."""
+    def temporal_fn(self, lengths: Sequence[int], overlap: int | None = None) -> TemporalFn | None:
+        """The temporal module over the (N, C, h, w) features of clips of ``lengths`` frames.
+
+        A clip longer than the training clip (``temporal_window``) is processed in windows of
+        that length, consecutive windows sharing ``overlap`` frames (None: half a window),
+        whose outputs are averaged; a training clip is one window.
+        """
         if self.temporal is None:
             return None
-        temporal = self.temporal
-        return partial(
-            windowed,
-            lambda x: temporal(x, [x.shape[0]]),
-            window=self.temporal_window,
-            overlap=overlap,
-        )
+        temporal, window = self.temporal, self.temporal_window
+        overlap = window // 2 if overlap is None else overlap
+
+        def clip(x: Tensor) -> Tensor:
+            return temporal(x, [x.shape[0]])
+
+        def run(features: Tensor) -> Tensor:
+            parts = features.split(list(lengths))
+            return torch.cat([windowed(clip, part, window, overlap) for part in parts])
+
+        return run
 
     def seg_embeddings(self, batch: Mapping[str, Any]) -> tuple[Tensor | None, Tensor, list[int]]:
         """The language half of `forward`: LM loss, projected [SEG] embeddings, counts per sample.
