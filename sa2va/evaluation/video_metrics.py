@@ -1,4 +1,5 @@
-"""In-loop metrics over whole clips: HD95 per frame and the temporal consistency index (TCI).
+"""Metrics over whole clips and videos: the temporal consistency index (TCI) per video, and
+in-loop HD95 per frame and TCI for validation.
 
 Validation batches hold clips (whole videos, in order); :class:`ClipMetrics` keeps each
 clip's shape-attribute curves and, at the end, counts temporally inconsistent frames against
@@ -8,6 +9,7 @@ reference set (definitions: :mod:`sa2va.evaluation.metrics`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -61,3 +63,25 @@ class ClipMetrics(Metric):
         thresholds = tci_thresholds(gt_clips)
         tci = sum(temporal_consistency_index(a, thresholds) for a in pred_clips)
         return {"hd95": dim_zero_cat(self.hd95).nanmean(), "tci": torch.tensor(float(tci))}
+
+
+def object_curves(
+    probs: Sequence[np.ndarray], gts: Sequence[np.ndarray], threshold: float
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per object of a video (frames of (M, H, W) probabilities and ground truth): the
+    shape-attribute curves of the prediction and of the ground truth, for TCI."""
+    return [
+        (
+            shape_attributes([p[j] > threshold for p in probs]),
+            shape_attributes([g[j] for g in gts]),
+        )
+        for j in range(len(probs[0]))
+    ]
+
+
+def add_tci(video_rows: list[dict], curves: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Each per-video row's TCI, against thresholds from every ground-truth video of the set
+    (Painchaud et al. take them from their reference set)."""
+    thresholds = tci_thresholds([gt for _, gt in curves])
+    for row, (pred, _) in zip(video_rows, curves, strict=True):
+        row["tci"] = float(temporal_consistency_index(pred, thresholds))

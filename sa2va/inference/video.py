@@ -12,6 +12,13 @@
   official); :func:`probabilities` then resizes them to the frame (bilinear again).
 
 ``per_frame`` returns logits at the model's ``mask_size``.
+
+A model with a temporal module (``model.temporal``) sees each frame with its neighbours, as
+it was trained: ``per_frame`` then segments windows of the training clip length
+(``model.temporal_window``) instead of single frames, consecutive windows sharing
+``window_overlap`` frames (default: half a window), and a frame covered by several windows
+gets the mean of their logits. ``propagate`` runs the module over all frames' SAM2 features in
+the same windows (:meth:`sa2va.model.sa2va.Sa2VA.temporal_fn`) before decoding and memory.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from torch import Tensor
 from sa2va.model.mllm import SEG_TOKEN
 from sa2va.model.sa2va import DEFAULT_ANSWER, Sa2VA, batch_to_device
 from sa2va.model.sam2 import upsample
+from sa2va.model.temporal import window_starts
 
 VideoMode = Literal["per_frame", "propagate"]
 VIDEO_MODES: tuple[VideoMode, ...] = ("per_frame", "propagate")
@@ -61,7 +69,7 @@ def _answer_list(answers: str | Sequence[str], n: int) -> list[str]:
     return list(answers)
 
 
-def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
+def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
 
@@ -104,6 +112,7 @@ def segment_video(
     batch_size: int = 4,
     max_new_tokens: int = 32,
     memory_dtype: str | None = "bfloat16",
+    window_overlap: int | None = None,
 ) -> VideoPrediction:
     """Mask logits for every frame of a sequence (a single image is a one-frame sequence).
 
@@ -113,7 +122,8 @@ def segment_video(
     ``propagate`` only: ``key_frames``, the first frames shown to the MLLM and prompted by
     [SEG] (None: the model's ``mllm_frames``, the official 5; at most that many), and
     ``memory_dtype``, the precision SAM2's memories are stored in (official: bfloat16;
-    None keeps them exact). Call on a model in eval mode.
+    None keeps them exact). ``window_overlap``: frames shared by consecutive windows of a
+    model with a temporal module (None: half a window). Call on a model in eval mode.
     """
     if video_mode not in VIDEO_MODES:
         raise ValueError(f"video_mode must be one of {VIDEO_MODES}, got {video_mode!r}")
@@ -143,16 +153,33 @@ def segment_video(
             batch_size,
             max_new_tokens,
             memory_dtype,
+            window_overlap,
         )
-    logits: list[Tensor] = []
-    texts: list[list[str]] = []
-    step = 1 if mode == "generate" else batch_size
-    for chunk in _chunks(range(len(frames)), step):
-        clips = [[frames[t]] for t in chunk]
-        batch, chunk_texts = _clip_batch(model, clips, prompts, answer_list, mode, max_new_tokens)
-        logits += [masks[0] for masks in model(batch).pred_masks]
-        texts += chunk_texts
+    windows = _frame_windows(model, len(frames), window_overlap)
+    totals: list[Tensor | None] = [None] * len(frames)
+    counts = [0] * len(frames)
+    texts: list[list[str]] = [[] for _ in frames]
+    per_call = 1 if mode == "generate" else max(1, batch_size // len(windows[0]))
+    for group in _chunks(windows, per_call):
+        clips = [[frames[t] for t in window] for window in group]
+        batch, group_texts = _clip_batch(model, clips, prompts, answer_list, mode, max_new_tokens)
+        outputs = zip(group, model(batch).pred_masks, group_texts, strict=True)
+        for window, masks, answers in outputs:
+            for i, t in enumerate(window):
+                totals[t] = masks[i] if totals[t] is None else totals[t] + masks[i]
+                counts[t] += 1
+                texts[t] = texts[t] or answers  # the first window's answers
+    logits = [total / count for total, count in zip(totals, counts, strict=True)]
     return VideoPrediction(logits=logits, answers=texts)
+
+
+def _frame_windows(model: Sa2VA, num_frames: int, overlap: int | None) -> list[range]:
+    """The frames each ``per_frame`` sample holds: one frame, or a window of the training clip
+    length for a model with a temporal module (overlap default: half a window)."""
+    window = model.temporal_window if getattr(model, "temporal", None) is not None else 1
+    overlap = window // 2 if overlap is None else overlap
+    starts = window_starts(num_frames, window, overlap)
+    return [range(start, min(start + window, num_frames)) for start in starts]
 
 
 def _propagate(
@@ -165,6 +192,7 @@ def _propagate(
     batch_size: int,
     max_new_tokens: int,
     memory_dtype: str | None,
+    window_overlap: int | None,
 ) -> VideoPrediction:
     num_cond = min(len(frames), key_frames or model.processor.mllm_frames)
     batch, texts = _clip_batch(
@@ -177,7 +205,8 @@ def _propagate(
         return VideoPrediction(logits=[empty] * len(frames), answers=texts * len(frames))
     images = [model.processor.sam2_view(f) for f in frames]
     dtype = getattr(torch, memory_dtype) if memory_dtype else None
-    outputs = model.sam2.propagate(images, embeddings, num_cond, batch_size, dtype)
+    temporal = model.temporal_fn([len(frames)], window_overlap)
+    outputs = model.sam2.propagate(images, embeddings, num_cond, batch_size, dtype, temporal)
     logits = [upsample(out.low_res_masks[:, 0], size) for out in outputs]
     return VideoPrediction(logits=logits, answers=texts * len(frames))
 
