@@ -21,7 +21,9 @@ from sa2va.utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-METRICS = ("val/dice", "val/iou", "val/precision", "val/recall", "val/hd95", "val/tci")
+METRICS = ("val/dice", "val/iou", "val/precision", "val/recall")
+# over whole validation clips, unbounded: HD95 in pixels, TCI a count of inconsistent frames
+CLIP_METRICS = ("val/hd95", "val/tci")
 BEST = "val/dice (best)"  # ModelCheckpoint's best score (max val/dice over validations)
 CURVES = ("val/dice", "train/loss")
 STATUSES = ("completed", "failed", "missing")
@@ -101,7 +103,11 @@ def load_job(run_dir: Path) -> Job:
             summary = json.loads(metrics_path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{metrics_path}: not valid JSON ({error})") from error
-    metrics = {k: float(v) for k, v in (summary.get("metrics") or {}).items() if k in METRICS}
+    metrics = {
+        k: float(v)
+        for k, v in (summary.get("metrics") or {}).items()
+        if k in (*METRICS, *CLIP_METRICS)
+    }
     if summary.get("best_score") is not None:
         metrics[BEST] = float(summary["best_score"])
     csv_files = sorted(p for p in run_dir.rglob("metrics.csv") if "wandb" not in p.parts)
@@ -145,7 +151,11 @@ def load_wandb_jobs(project: str, group: str | None = None) -> list[Job]:
         for metric in CURVES:
             rows = run.scan_history(keys=["trainer/global_step", metric])
             curves[metric] = [(int(r["trainer/global_step"]), float(r[metric])) for r in rows]
-        metrics = {k: float(summary[k]) for k in METRICS if isinstance(summary.get(k), int | float)}
+        metrics = {
+            k: float(summary[k])
+            for k in (*METRICS, *CLIP_METRICS)
+            if isinstance(summary.get(k), int | float)
+        }
         if curves.get("val/dice"):
             metrics[BEST] = max(v for _, v in curves["val/dice"])
         status = summary.get("status") or WANDB_STATES.get(run.state, "missing")
@@ -205,7 +215,7 @@ class Comparison:
     fixed: dict[str, str]
     details: list[str]  # flat ablation keys that differ between groups (e.g. loss weights)
     groups: list[Group]
-    metrics: tuple[str, ...] = (*METRICS, BEST)
+    metrics: tuple[str, ...] = (*METRICS, *CLIP_METRICS, BEST)
 
     @property
     def jobs(self) -> list[Job]:
