@@ -354,7 +354,8 @@ def temporal_consistency(
 
 
 # TCI: the temporal consistency of Painchaud et al., "Echocardiography segmentation with
-# enforced temporal consistency", IEEE TMI 41(10), 2022 (the metric of seed 003's TCI column).
+# enforced temporal consistency", IEEE TMI 41(10), 2022 (the TCI column of the
+# SAMUS-based echocardiography study whose temporal modules sa2va.model.temporal builds).
 # Each frame's shape attributes a_t (here: vessel area, and the centroid's row and column, all
 # as fractions of the image, i.e. min-max scaled by their possible range) are compared with the
 # mean of the neighbouring frames': delta_t = a_t - (a_{t-1} + a_{t+1}) / 2 (0 at both ends).

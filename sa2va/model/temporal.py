@@ -1,4 +1,5 @@
-"""Temporal modules on SAM2's image features: the three designs seed 003 compares.
+"""Temporal modules on SAM2's image features: the three designs a SAMUS-based
+echocardiography segmentation study compares (temporal adapter, temporal attention, TRA).
 
 Each works on the last-level SAM2 image features (N, C, h, w) of the frames of one or more
 clips (``lengths``: frames per clip, in batch order) and mixes information only between the
@@ -13,7 +14,7 @@ model segments exactly as before until the branch learns something.
 * ``tra``: local temporal relation (a depthwise temporal convolution) whose output feeds
   temporal self-attention, UniFormer's "local convolution, then global attention".
 
-Seed 003's own TRA code is closed; these follow the designs' published descriptions. The
+The study's TRA code is closed; these follow the designs' published descriptions. The
 layers are torch's (``Conv3d``, ``MultiheadAttention``, ``LayerNorm``).
 
 A video longer than the training clip is processed in windows (:func:`window_starts`,
