@@ -144,3 +144,15 @@ def test_parameter_table_lists_the_temporal_module(tiny):
         p.numel() for p in build_temporal("adapter", C).parameters()
     )
     assert "temporal" not in {r["module"] for r in parameter_table(tiny())}
+
+
+@pytest.mark.parametrize(
+    "freeze",
+    ["official", "user_guide", "sam2_frozen", "sam2_decoder", "sam2_full", "full", "llm_last_n"],
+)
+def test_every_freezing_policy_trains_the_temporal_module(compose_cfg, freeze):
+    last_n = ["freeze.llm_last_n=1"] if freeze == "llm_last_n" else []  # the tiny LLM: 2 layers
+    cfg = compose_cfg(f"freeze={freeze}", "model.temporal=tra", *last_n)
+    model = instantiate(cfg.model)
+    instantiate(cfg.freeze).apply(model)
+    assert all(p.requires_grad for p in model.temporal.parameters())
