@@ -6,6 +6,13 @@ and rotates a little from frame to frame, so clips and temporal metrics are mean
 are the official-format polygons (each branch's tube outline) and the image is drawn from the
 very same polygons, so a model can learn them exactly.
 
+The speckle is drawn anew for every frame while the vessels move smoothly, so neighbouring
+frames carry independent evidence about the same vessels. ``low_contrast_frames`` (0 by
+default, which leaves the data set byte for byte as before) additionally fades the vessels of
+that share of frames to ``low_contrast_factor`` of their contrast, as a frame with dropped
+signal: such a frame is hard alone and easy with its neighbours, so a temporal module can
+help, and whether it does is measured (``experiment=ablate_temporal``).
+
     python -m sa2va.data.synth out=DIR num_videos=12 frames_per_video=8 image_size=256 seed=0
 """
 
@@ -34,7 +41,12 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "speckle_looks": 4.0,  # gamma shape of the speckle: lower is noisier
     "contrast": 0.25,  # vessel brightness above the local background (image in [0, 1])
+    "low_contrast_frames": 0.0,  # share of frames whose vessels fade (0: none, as before)
+    "low_contrast_factor": 0.2,  # those frames' vessel contrast, relative to the others
 }
+# Options that change nothing at their default: left out of the cache key there, so the
+# default data set keeps its cache folder.
+NO_OP_DEFAULTS = ("low_contrast_frames", "low_contrast_factor")
 
 
 def _curve(start: np.ndarray, direction: np.ndarray, length: float, wobble: float, phase: float):
@@ -125,8 +137,15 @@ def _transform(points: np.ndarray, size: int, angle: float, shift: np.ndarray) -
     return (points - c) @ rot.T + c + shift
 
 
-def _render_video(rng: np.random.Generator, p: dict[str, Any]):
-    """Yield (uint8 image, polygons) per frame."""
+def _faded_frames(p: dict[str, Any], video: int) -> np.ndarray:
+    """Which frames of a video get dropped contrast, from a generator of their own (the
+    rest of the video is drawn exactly as without the option)."""
+    rng = np.random.default_rng([int(p["seed"]), video, 1])
+    return rng.random(int(p["frames_per_video"])) < float(p["low_contrast_frames"])
+
+
+def _render_video(rng: np.random.Generator, p: dict[str, Any], faded: np.ndarray):
+    """Yield (uint8 image, polygons) per frame; ``faded`` frames get low vessel contrast."""
     size = int(p["image_size"])
     tree = _vessel_tree(rng, size)
     waves, levels = _background(rng, size)
@@ -143,7 +162,8 @@ def _render_video(rng: np.random.Generator, p: dict[str, Any]):
         for centre, width in tree:
             polys += _tube_polygons(_transform(centre, size, angle, shift), width * pulse, size)
         mask = rasterize_polygons(polys, (size, size), (size, size))
-        img = _render_background(waves, levels, size, f) + contrast * gaussian_filter(
+        frame_contrast = contrast * float(p["low_contrast_factor"]) if faded[f] else contrast
+        img = _render_background(waves, levels, size, f) + frame_contrast * gaussian_filter(
             mask.astype(np.float64), 0.5
         )
         img *= rng.gamma(looks, 1 / looks, img.shape)  # multiplicative speckle
@@ -161,7 +181,7 @@ def generate_synthetic_dataset(out: str | Path, **params: Any) -> Path:
     records = []
     for v, seed in enumerate(seeds):
         rng = np.random.default_rng(seed)
-        for f, (img, polys) in enumerate(_render_video(rng, p)):
+        for f, (img, polys) in enumerate(_render_video(rng, p, _faded_frames(p, v))):
             name = f"synthetic_{v:03d}_frame_{f + 1:06d}.jpg"
             Image.fromarray(img, mode="L").save(out / "images" / name, quality=92)
             flat = [[float(c) for c in poly.reshape(-1)] for poly in polys]
@@ -180,6 +200,7 @@ def _params(params: dict[str, Any]) -> dict[str, Any]:
 def dataset_key(**params: Any) -> str:
     """Stable hash of the (defaulted) parameters and the generator version."""
     p = {**_params(params), "_version": GENERATOR_VERSION}
+    p = {k: v for k, v in p.items() if k not in NO_OP_DEFAULTS or v != DEFAULTS[k]}
     return hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12]
 
 

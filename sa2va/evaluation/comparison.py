@@ -40,6 +40,8 @@ METRICS = ("val/dice", "val/iou", "val/precision", "val/recall")
 EVAL_KEYS = ("iou", "dice", "precision", "recall", "cldice", "hd95")
 PAIRED = "dice"
 ImageKey = tuple[str, int, str]  # (video_id, frame_index, object)
+# over whole validation clips, unbounded: HD95 in pixels, TCI a count of inconsistent frames
+CLIP_METRICS = ("val/hd95", "val/tci")
 BEST = "val/dice (best)"  # ModelCheckpoint's best score (max val/dice over validations)
 CURVES = ("val/dice", "train/loss")
 STATUSES = ("completed", "failed", "missing")
@@ -146,7 +148,11 @@ def load_job(run_dir: Path) -> Job:
             summary = json.loads(metrics_path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{metrics_path}: not valid JSON ({error})") from error
-    metrics = {k: float(v) for k, v in (summary.get("metrics") or {}).items() if k in METRICS}
+    metrics = {
+        k: float(v)
+        for k, v in (summary.get("metrics") or {}).items()
+        if k in (*METRICS, *CLIP_METRICS)
+    }
     if summary.get("best_score") is not None:
         metrics[BEST] = float(summary["best_score"])
     images: dict[ImageKey, float] = {}
@@ -247,7 +253,7 @@ class Comparison:
     fixed: dict[str, str]
     details: list[str]  # flat ablation keys that differ between groups (e.g. loss weights)
     groups: list[Group]
-    metrics: tuple[str, ...] = (*METRICS, BEST)
+    metrics: tuple[str, ...] = (*METRICS, *CLIP_METRICS, BEST)
     reference: Group | None = None  # the arm every other one is tested against
     tests: dict[tuple[str, ...], PairedTest] = field(default_factory=dict)  # by group values
     holm: dict[tuple[str, ...], float] = field(default_factory=dict)  # adjusted p by values

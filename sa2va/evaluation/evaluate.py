@@ -29,6 +29,7 @@ from sa2va.evaluation.metrics import (
     tune_threshold,
 )
 from sa2va.evaluation.statistics import MIN_UNITS, video_cis
+from sa2va.evaluation.video_metrics import add_tci, object_curves
 from sa2va.figures import Case, case_figure, contact_sheet, save_figure
 from sa2va.inference.predict import (
     load_model,
@@ -50,7 +51,14 @@ from sa2va.utils import (
 
 log = logging.getLogger(__name__)
 
-TEMPORAL_KEYS = ("temporal_iou_diff", "iou_std", "max_iou_change", "fluctuation_ok", "success_rate")
+TEMPORAL_KEYS = (
+    "temporal_iou_diff",
+    "iou_std",
+    "max_iou_change",
+    "fluctuation_ok",
+    "success_rate",
+    "tci",
+)
 # Data settings that decide which videos land in which split, and what the prompts say.
 SPLIT_KEYS = (
     "root",
@@ -77,6 +85,7 @@ METRIC_LABELS = {
     "max_iou_change": "max abs(IoU_t+1 - IoU_t)",
     "fluctuation_ok": "share of videos with max change below the limit",
     "success_rate": "share of frames with a non-empty mask",
+    "tci": "TCI: temporally inconsistent frames per video (Painchaud et al. 2022)",
 }
 
 
@@ -469,6 +478,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
         image_rows = {name: [] for name in points}
         video_rows = {name: [] for name in points}
+        curves = {name: [] for name in points}  # shape attributes per video row, for TCI
         kept_probs: dict[tuple[str, int, str], np.ndarray] = {}  # for the figures
         missing = 0
         for video in predict_videos(model, dm, ecfg.split, ecfg):
@@ -477,10 +487,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 rows, vrows = score_video(video, threshold, ecfg.tolerance, ecfg.fluctuation_limit)
                 image_rows[name].extend(rows)
                 video_rows[name].extend(vrows)
+                curves[name].extend(object_curves(video.probs, video.gts, threshold))
             for record, probs in zip(video.records, video.probs, strict=True):
                 for name, prob in zip(video.objects, probs, strict=True):
                     kept_probs[(video.video_id, record.frame_index, name)] = prob.astype(np.float16)
         summary["missing_masks"] = missing
+        for name in points:
+            add_tci(video_rows[name], curves[name])
         summary["results"] = {
             name: summarise(image_rows[name], video_rows[name], points[name], ecfg.n_boot, cfg.seed)
             for name in points

@@ -353,6 +353,51 @@ def temporal_consistency(
     }
 
 
+# TCI: the temporal consistency of Painchaud et al., "Echocardiography segmentation with
+# enforced temporal consistency", IEEE TMI 41(10), 2022 (the TCI column of the
+# SAMUS-based echocardiography study whose temporal modules sa2va.model.temporal builds).
+# Each frame's shape attributes a_t (here: vessel area, and the centroid's row and column, all
+# as fractions of the image, i.e. min-max scaled by their possible range) are compared with the
+# mean of the neighbouring frames': delta_t = a_t - (a_{t-1} + a_{t+1}) / 2 (0 at both ends).
+# A frame is temporally inconsistent when |delta_t| of any attribute exceeds that attribute's
+# threshold, the largest |delta| found in the reference (ground-truth) sequences; TCI counts
+# the inconsistent frames (0 is ideal). An empty mask has no centroid: only its area counts.
+SHAPE_ATTRIBUTES = ("area", "centroid_row", "centroid_col")
+
+
+def shape_attributes(masks: Sequence[Mask]) -> np.ndarray:
+    """(T, 3) area and centroid (row, col) per frame, fractions of the image; NaN centroid
+    for an empty mask."""
+    rows = []
+    for mask in masks:
+        m = _as_bool(mask)
+        centroid = np.argwhere(m).mean(0) / m.shape if m.any() else np.full(2, np.nan)
+        rows.append([m.mean(), *centroid])
+    return np.array(rows, dtype=np.float64).reshape(-1, len(SHAPE_ATTRIBUTES))
+
+
+def attribute_inconsistency(attributes: np.ndarray) -> np.ndarray:
+    """|a_t - (a_{t-1} + a_{t+1}) / 2| per frame and attribute, (T, A); 0 at both ends."""
+    delta = np.zeros_like(attributes)
+    delta[1:-1] = np.abs(attributes[1:-1] - (attributes[:-2] + attributes[2:]) / 2)
+    return delta
+
+
+def tci_thresholds(reference_attributes: Sequence[np.ndarray]) -> np.ndarray:
+    """Per attribute, the largest |delta| over the reference sequences (undefined deltas,
+    around an empty mask, left out; 0 when there is none)."""
+    width = len(SHAPE_ATTRIBUTES)
+    deltas = [attribute_inconsistency(a.reshape(-1, width)) for a in reference_attributes]
+    stacked = np.concatenate([np.zeros((0, width)), *deltas])
+    return np.where(np.isfinite(stacked), stacked, 0.0).max(axis=0, initial=0.0)
+
+
+def temporal_consistency_index(attributes: np.ndarray, thresholds: np.ndarray) -> int:
+    """Number of temporally inconsistent frames of one sequence (its :func:`shape_attributes`)."""
+    with np.errstate(invalid="ignore"):  # NaN (no centroid) never exceeds a threshold
+        return int((attribute_inconsistency(attributes) > thresholds).any(axis=1).sum())
+
+
 # ------------------------------------------------------------------ threshold tuning
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from sa2va.evaluation.comparison import BEST, CURVES, METRICS, Job
+from sa2va.evaluation.comparison import BEST, CLIP_METRICS, CURVES, METRICS, Job
 from sa2va.overrides import parse_overrides
 
 # W&B run states -> job status; a run without our own "status" summary falls back to these.
@@ -34,7 +34,11 @@ def load_wandb_jobs(project: str, group: str | None = None) -> list[Job]:
         for metric in CURVES:
             rows = run.scan_history(keys=["trainer/global_step", metric])
             curves[metric] = [(int(r["trainer/global_step"]), float(r[metric])) for r in rows]
-        metrics = {k: float(summary[k]) for k in METRICS if isinstance(summary.get(k), int | float)}
+        metrics = {
+            k: float(summary[k])
+            for k in (*METRICS, *CLIP_METRICS)
+            if isinstance(summary.get(k), int | float)
+        }
         if curves.get("val/dice"):
             metrics[BEST] = max(v for _, v in curves["val/dice"])
         status = summary.get("status") or WANDB_STATES.get(run.state, "missing")

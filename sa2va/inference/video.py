@@ -12,6 +12,13 @@
   official); :func:`probabilities` then resizes them to the frame (bilinear again).
 
 ``per_frame`` returns logits at the model's ``mask_size``.
+
+A model with a temporal module (``model.temporal``) sees each frame with its neighbours, as
+it was trained: ``per_frame`` then segments windows of the training clip length
+(``model.temporal_window``) instead of single frames, consecutive windows sharing
+``window_overlap`` frames (default: half a window), and a frame covered by several windows
+gets the mean of their logits. ``propagate`` runs the module over all frames' SAM2 features in
+the same windows (:meth:`sa2va.model.sa2va.Sa2VA.temporal_fn`) before decoding and memory.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from sa2va.model.protocol import (
 )
 from sa2va.model.sa2va import Sa2VA
 from sa2va.model.sam2 import upsample
+from sa2va.model.temporal import window_starts
 
 VideoMode = Literal["per_frame", "propagate"]
 VIDEO_MODES: tuple[VideoMode, ...] = ("per_frame", "propagate")
@@ -70,7 +78,7 @@ def _answer_list(answers: str | Sequence[str], n: int) -> list[str]:
     return list(answers)
 
 
-def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
+def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
 
@@ -126,6 +134,7 @@ def segment_video(
     max_new_tokens: int = 32,
     memory_dtype: str | None = "bfloat16",
     prompt_masks: Sequence[Tensor] | None = None,
+    window_overlap: int | None = None,
 ) -> VideoPrediction:
     """Mask logits for every frame of a sequence (a single image is a one-frame sequence).
 
@@ -136,8 +145,9 @@ def segment_video(
     [SEG] (None: the model's ``mllm_frames``, the official 5; at most that many), and
     ``memory_dtype``, the precision SAM2's memories are stored in (official: bfloat16;
     None keeps them exact). ``prompt_masks``: per frame (M, H, W) ground truth, which a
-    model with ``oracle_prompt`` is prompted from (``per_frame`` only). Call on a model in
-    eval mode.
+    model with ``oracle_prompt`` is prompted from (``per_frame`` only). ``window_overlap``:
+    frames shared by consecutive windows of a model with a temporal module (None: half a
+    window). Call on a model in eval mode.
     """
     if mode not in ("fast", "generate"):
         raise ValueError(f"mode must be 'fast' or 'generate', got {mode!r}")
@@ -165,21 +175,57 @@ def segment_video(
             batch_size,
             max_new_tokens,
             memory_dtype,
+            window_overlap,
         )
-    logits: list[Tensor] = []
-    texts: list[list[str]] = []
-    if mode == "generate":  # one frame per MLLM call
-        for frame in frames:
-            out = model.predict_forward([frame], prompts, "generate", max_new_tokens=max_new_tokens)
-            logits.append(out["masks"][0])
-            texts.append(out["text"])
-        return VideoPrediction(logits=logits, answers=texts)
-    for chunk in _chunks(range(len(frames)), batch_size):
-        masks = None if prompt_masks is None else [prompt_masks[t][None] for t in chunk]
-        batch = _fast_batch(model, [[frames[t]] for t in chunk], prompts, answer_list, masks)
-        logits += [masks[0] for masks in model(batch).pred_masks]
-        texts += [answer_list] * len(chunk)
+    windows = _frame_windows(model, len(frames), window_overlap)
+    totals: list[Tensor | None] = [None] * len(frames)
+    counts = [0] * len(frames)
+    texts: list[list[str]] = [[] for _ in frames]
+    per_call = 1 if mode == "generate" else max(1, batch_size // len(windows[0]))
+    for group in _chunks(windows, per_call):
+        clips = [[frames[t] for t in window] for window in group]
+        masks = None
+        if prompt_masks is not None:
+            masks = [torch.stack([prompt_masks[t] for t in window]) for window in group]
+        group_masks, group_texts = _clip_masks(
+            model, clips, prompts, answer_list, mode, max_new_tokens, masks
+        )
+        for window, clip_masks, answers in zip(group, group_masks, group_texts, strict=True):
+            for i, t in enumerate(window):
+                totals[t] = clip_masks[i] if totals[t] is None else totals[t] + clip_masks[i]
+                counts[t] += 1
+                texts[t] = texts[t] or answers  # the first window's answers
+    logits = [total / count for total, count in zip(totals, counts, strict=True)]
     return VideoPrediction(logits=logits, answers=texts)
+
+
+def _clip_masks(
+    model: SegmentationModel,
+    clips: list[list[Image.Image]],
+    prompts: Sequence[str],
+    answers: list[str],
+    mode: str,
+    max_new_tokens: int,
+    prompt_masks: list[Tensor] | None = None,
+) -> tuple[list[Tensor], list[list[str]]]:
+    """(T, M, S, S) mask logits and the answers of each clip: fixed answers in one batched
+    pass (fast), or one clip whose answers and [SEG] states come from generation itself."""
+    if mode == "generate":
+        if len(clips) != 1:
+            raise ValueError("generate mode decodes one clip at a time")
+        out = model.predict_forward(clips[0], prompts, "generate", max_new_tokens=max_new_tokens)
+        return [out["masks"]], [out["text"]]
+    batch = _fast_batch(model, clips, prompts, answers, prompt_masks)
+    return list(model(batch).pred_masks), [answers] * len(clips)
+
+
+def _frame_windows(model: Sa2VA, num_frames: int, overlap: int | None) -> list[range]:
+    """The frames each ``per_frame`` sample holds: one frame, or a window of the training clip
+    length for a model with a temporal module (overlap default: half a window)."""
+    window = model.temporal_window if getattr(model, "temporal", None) is not None else 1
+    overlap = window // 2 if overlap is None else overlap
+    starts = window_starts(num_frames, window, overlap)
+    return [range(start, min(start + window, num_frames)) for start in starts]
 
 
 def _check_propagate(model: SegmentationModel, key_frames: int | None) -> None:
@@ -207,6 +253,7 @@ def _propagate(
     batch_size: int,
     max_new_tokens: int,
     memory_dtype: str | None,
+    window_overlap: int | None,
 ) -> VideoPrediction:
     num_cond = min(len(frames), key_frames or model.processor.mllm_frames)
     embeddings, texts = _clip_prompts(
@@ -218,7 +265,8 @@ def _propagate(
         return VideoPrediction(logits=[empty] * len(frames), answers=[texts] * len(frames))
     images = [model.processor.sam2_view(f) for f in frames]
     dtype = getattr(torch, memory_dtype) if memory_dtype else None
-    outputs = model.sam2.propagate(images, embeddings, num_cond, batch_size, dtype)
+    temporal = model.temporal_fn([len(frames)], window_overlap)
+    outputs = model.sam2.propagate(images, embeddings, num_cond, batch_size, dtype, temporal)
     logits = [upsample(out.low_res_masks[:, 0], size) for out in outputs]
     return VideoPrediction(logits=logits, answers=[texts] * len(frames))
 

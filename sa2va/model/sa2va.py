@@ -31,7 +31,8 @@ from sa2va.model.protocol import (
     model_device,
     per_sample,
 )
-from sa2va.model.sam2 import build_sam2, upsample
+from sa2va.model.sam2 import TemporalFn, build_sam2, upsample
+from sa2va.model.temporal import build_temporal, windowed
 from sa2va.utils import to_plain
 
 
@@ -82,6 +83,8 @@ class Sa2VA(ClipPredictor, nn.Module):
         gradient_checkpointing: bool = False,
         init_from_sa2va: Mapping[str, Any] | None = None,
         lora: Mapping[str, Any] | None = None,
+        temporal: str = "none",
+        temporal_window: int = 1,
         load_pretrained: bool = True,
         name: str = "sa2va",
     ) -> None:
@@ -102,6 +105,8 @@ class Sa2VA(ClipPredictor, nn.Module):
                 "gradient_checkpointing": gradient_checkpointing,
                 "init_from_sa2va": dict(init_from_sa2va) if init_from_sa2va else None,
                 "lora": asdict(lora_spec) if lora_spec else None,
+                "temporal": temporal,
+                "temporal_window": temporal_window,
                 "name": name,
             }
         )
@@ -118,6 +123,9 @@ class Sa2VA(ClipPredictor, nn.Module):
         self.text_hidden_fcs = build_projector(
             text_dim, self.sam2.sam_prompt_encoder.embed_dim, **(projector or {})
         )
+        # on SAM2's last-level image features, between its encoder and mask decoder
+        self.temporal = build_temporal(temporal, self.sam2.sam_prompt_encoder.embed_dim)
+        self.temporal_window = temporal_window  # frames per training clip: inference windows
         if load_pretrained and is_sa2va_release(mllm.get("path")):
             load_release_heads(self, mllm["path"], with_sam2=release_sam2)
         if init_from_sa2va and load_pretrained:  # {path, include}: an official Sa2VA checkpoint
@@ -223,7 +231,7 @@ class Sa2VA(ClipPredictor, nn.Module):
                 [images.new_zeros(t_len, 0, size, size) for t_len in lengths],
                 [images.new_zeros(t_len, 0, low, low) for t_len in lengths],
             )
-        features = self.sam2.image_features(images, encode)
+        features = self.sam2.image_features(images, encode, self.temporal_fn(lengths))
         image_index, prompt_index = [], []
         frame_offset, prompt_offset = 0, 0
         for t_len, m in zip(lengths, counts, strict=True):
@@ -240,6 +248,27 @@ class Sa2VA(ClipPredictor, nn.Module):
         low_res = decoded.low_res_masks[:, 0]
         logits = upsample(low_res, self.processor.mask_size)
         return per_sample(logits, lengths, counts), per_sample(low_res, lengths, counts)
+
+    def temporal_fn(self, lengths: Sequence[int], overlap: int | None = None) -> TemporalFn | None:
+        """The temporal module over the (N, C, h, w) features of clips of ``lengths`` frames.
+
+        A clip longer than the training clip (``temporal_window``) is processed in windows of
+        that length, consecutive windows sharing ``overlap`` frames (None: half a window),
+        whose outputs are averaged; a training clip is one window.
+        """
+        if self.temporal is None:
+            return None
+        temporal, window = self.temporal, self.temporal_window
+        overlap = window // 2 if overlap is None else overlap
+
+        def clip(x: Tensor) -> Tensor:
+            return temporal(x, [x.shape[0]])
+
+        def run(features: Tensor) -> Tensor:
+            parts = features.split(list(lengths))
+            return torch.cat([windowed(clip, part, window, overlap) for part in parts])
+
+        return run
 
     def seg_embeddings(
         self, batch: Mapping[str, Any], vision: Callable[[Tensor], Tensor] | None = None

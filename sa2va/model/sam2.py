@@ -47,6 +47,20 @@ from sam2.modeling.sam2_base import SAM2Base  # noqa: E402  (after the Hydra-saf
 NOT_A_POINT = -1  # SAM2's label for "no point here" (a padding point)
 # SAM2's flattened per-level features: (HW, B, C) maps, position encodings, (H, W) sizes
 FlatFeatures = tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]
+# A temporal module over the (N, C, h, w) last-level image features (sa2va.model.temporal)
+TemporalFn = Callable[[Tensor], Tensor]
+
+
+def with_temporal(backbone_out: dict[str, Any], temporal: TemporalFn | None) -> dict[str, Any]:
+    """SAM2's image-encoder output with ``temporal`` applied to its last (lowest-resolution)
+    level, the features the mask decoder cross-attends to and memory is encoded from."""
+    if temporal is None:
+        return backbone_out
+    last = temporal(backbone_out["backbone_fpn"][-1])
+    return backbone_out | {
+        "backbone_fpn": [*backbone_out["backbone_fpn"][:-1], last],
+        "vision_features": last,
+    }
 
 
 @dataclass
@@ -162,15 +176,20 @@ class LanguagePromptedSAM2(SAM2Base):
         return self._use_multimask(is_init_cond_frame=True, point_inputs=None)
 
     def image_features(
-        self, images: Tensor, encode: Callable[[Tensor], dict[str, Any]] | None = None
+        self,
+        images: Tensor,
+        encode: Callable[[Tensor], dict[str, Any]] | None = None,
+        temporal: TemporalFn | None = None,
     ) -> ImageFeatures:
         """Image encoder on (N, 3, S, S) normalised images, each a frame without memory.
 
-        SAM2's own memory conditioning of an initial conditioning frame (adding
-        ``no_mem_embed``, as ``directly_add_no_mem_embed`` asks) gives the embedding.
-        ``encode`` stands in for the image encoder (see :meth:`forward_image`).
+        ``temporal`` (optional) mixes the frames' last-level features first. SAM2's own
+        memory conditioning of an initial conditioning frame (adding ``no_mem_embed``, as
+        ``directly_add_no_mem_embed`` asks) gives the embedding. ``encode`` stands in for the
+        image encoder (see :meth:`forward_image`).
         """
-        feats, pos, sizes = self._flat_features(self.forward_image(images, encode))
+        backbone_out = with_temporal(self.forward_image(images, encode), temporal)
+        feats, pos, sizes = self._flat_features(backbone_out)
         embed = self._prepare_memory_conditioned_features(
             frame_idx=0,
             is_init_cond_frame=True,
@@ -227,6 +246,7 @@ class LanguagePromptedSAM2(SAM2Base):
         num_cond_frames: int,
         batch_size: int = 4,
         memory_dtype: torch.dtype | None = torch.bfloat16,
+        temporal: TemporalFn | None = None,
     ) -> list[FrameDecoding]:
         """Official Sa2VA video inference for N objects over T frames; one output per frame.
 
@@ -237,6 +257,8 @@ class LanguagePromptedSAM2(SAM2Base):
         frame's: ``is_mask_from_pts``), then every later frame is tracked in order with
         SAM2's memory attention over the conditioning frames and the previous frames.
         Memories are stored rounded through ``memory_dtype`` (official: bfloat16).
+        ``temporal`` (optional) mixes the last-level features of all T frames (T, C, h, w)
+        before any frame is decoded, as in training.
         """
         num_frames = len(images)
         if not 1 <= num_cond_frames <= num_frames:
@@ -244,13 +266,14 @@ class LanguagePromptedSAM2(SAM2Base):
         memory: dict[str, dict[int, Any]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
         outputs: list[FrameDecoding] = []
         cond_feats = []
-        for t, frame in self._frames(images, range(num_cond_frames), prompts, batch_size):
+        encode = self._encoder(images, prompts.device, batch_size, temporal)
+        for t, frame in self._frames(encode, range(num_cond_frames), prompts, batch_size):
             outputs.append(self._decode_frame(t, frame, memory, num_frames, prompts))
             cond_feats.append(frame)
         for t, (frame, out) in enumerate(zip(cond_feats, outputs, strict=True)):
             memory["cond_frame_outputs"][t] = self._memory_entry(frame, out, True, memory_dtype)
         later = range(num_cond_frames, num_frames)
-        for t, frame in self._frames(images, later, prompts, batch_size):
+        for t, frame in self._frames(encode, later, prompts, batch_size):
             out = self._decode_frame(t, frame, memory, num_frames, None)
             memory["non_cond_frame_outputs"][t] = self._memory_entry(
                 frame, out, False, memory_dtype
@@ -258,16 +281,44 @@ class LanguagePromptedSAM2(SAM2Base):
             outputs.append(out)
         return outputs
 
+    def _encoder(
+        self,
+        images: Sequence[Tensor],
+        device: torch.device,
+        batch_size: int,
+        temporal: TemporalFn | None,
+    ) -> Callable[[range], dict[str, Any]]:
+        """Image-encoder output for a range of frames: encoded when asked or, with a
+        temporal module, every frame encoded first (in ``batch_size`` chunks) and mixed."""
+        dtype = self.no_mem_embed.dtype
+
+        def encode(chunk: range) -> dict[str, Any]:
+            return self.forward_image(torch.stack([images[t] for t in chunk]).to(device, dtype))
+
+        if temporal is None:
+            return encode
+        levels = ("backbone_fpn", "vision_pos_enc")
+        parts = [encode(c) for c in _chunks(range(len(images)), batch_size)]
+        whole = {
+            key: [torch.cat(x) for x in zip(*(p[key] for p in parts), strict=True)]
+            for key in levels
+        }
+        video = with_temporal(whole, temporal)
+        return lambda chunk: {
+            key: [x[chunk.start : chunk.stop] for x in video[key]] for key in levels
+        }
+
     def _frames(
-        self, images: Sequence[Tensor], indices: range, prompts: Tensor, batch_size: int
+        self,
+        encode: Callable[[range], dict[str, Any]],
+        indices: range,
+        prompts: Tensor,
+        batch_size: int,
     ) -> Iterator[tuple[int, FlatFeatures]]:
         """Flattened features of each frame in ``indices``, repeated for each object."""
         n_obj = prompts.shape[0]
-        dtype = self.no_mem_embed.dtype
-        for start in range(indices.start, indices.stop, batch_size):
-            chunk = range(start, min(start + batch_size, indices.stop))
-            batch = torch.stack([images[t] for t in chunk]).to(prompts.device, dtype)
-            backbone_out = self.forward_image(batch)
+        for chunk in _chunks(indices, batch_size):
+            backbone_out = encode(chunk)
             for index, t in enumerate(chunk):
                 frame = {
                     key: [x[index : index + 1].expand(n_obj, -1, -1, -1) for x in backbone_out[key]]
@@ -320,6 +371,12 @@ class LanguagePromptedSAM2(SAM2Base):
             "pred_masks": out.low_res_masks,
             "obj_ptr": out.obj_ptr,
         }
+
+
+def _chunks(indices: range, size: int) -> Iterator[range]:
+    """``indices`` in consecutive pieces of at most ``size``."""
+    for start in range(indices.start, indices.stop, size):
+        yield range(start, min(start + size, indices.stop))
 
 
 def _high_res_maps(feats: list[Tensor], sizes: list[tuple[int, int]]) -> list[Tensor]:

@@ -16,7 +16,7 @@ from sa2va.planning.states import ParamStats
 
 # families of sa2va.training.freeze.MODULE_FAMILIES in forward order: a family saves activations
 # when it or any family before it trains
-FORWARD_ORDER = ["vision", "mm_connector", "llm", "projector", "sam2_decoder"]
+FORWARD_ORDER = ["vision", "mm_connector", "llm", "projector", "temporal", "sam2_decoder"]
 
 
 @dataclass

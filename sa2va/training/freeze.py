@@ -4,7 +4,8 @@ sets ``requires_grad`` (LoRA adapters are part of the model: ``model.lora``).
 Parameter names are matched with `re.search`, the last matching rule wins (as SAM 2's
 training code chooses parameter groups by name patterns), so a policy reads top-down:
 "freeze the LLM, ... but train its LoRA weights". As there, every rule must match at least
-one parameter: a pattern that matches nothing is a typo or a rule for another model.
+one parameter: a pattern that matches nothing is a typo or a rule for another model (unless
+the rule says ``optional``: a part some models leave out, like the temporal module).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ MODULE_FAMILIES: list[tuple[str, str]] = [
     ("mm_connector", r"multi_modal_projector\."),
     ("llm", r"language_model\.|lm_head\."),
     ("projector", r"text_hidden_fcs\."),
+    ("temporal", r"^temporal\."),
     ("sam2_encoder", r"sam2\.image_encoder\."),
     ("sam2_decoder", r"sam2\.(sam_mask_decoder|sam_prompt_encoder)\."),
     ("sam2_memory", r"sam2\."),
@@ -40,6 +42,8 @@ def module_family(name: str) -> str:
 class FreezeRule:
     pattern: str
     trainable: bool
+    # a rule for a part some models leave out (the temporal module): it may match nothing
+    optional: bool = False
 
 
 class FreezePolicy:
@@ -81,7 +85,11 @@ class FreezePolicy:
 
     def apply(self, model: nn.Module) -> None:
         names = [name for name, _ in model.named_parameters()]
-        unmatched = [r for r in self.rules if not any(re.search(r.pattern, n) for n in names)]
+        unmatched = [
+            r
+            for r in self.rules
+            if not r.optional and not any(re.search(r.pattern, n) for n in names)
+        ]
         if unmatched:
             raise ValueError(
                 f"freeze={self.name}: rule {{pattern: {unmatched[0].pattern!r}, trainable: "

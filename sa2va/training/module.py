@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from sa2va.evaluation.metrics import SegmentationMetrics
+from sa2va.evaluation.video_metrics import ClipMetrics
 from sa2va.model.feature_cache import FeatureCache
 from sa2va.model.protocol import SegmentationModel
 from sa2va.training.freeze import FreezePolicy, format_parameter_table, parameter_table
@@ -61,6 +62,7 @@ class Sa2VAModule(L.LightningModule):
         self.threshold = threshold
         self.on_nonfinite = on_nonfinite
         self.val_metrics = SegmentationMetrics(threshold=threshold, from_logits=True)
+        self.val_clip_metrics = ClipMetrics(threshold=threshold)  # HD95, TCI over whole clips
         self.skipped_steps = 0
         self.param_table = parameter_table(model)
 
@@ -112,12 +114,14 @@ class Sa2VAModule(L.LightningModule):
         )
         target = flat_masks(batch["masks"]).to(self.device)
         self.val_metrics.update(flat_masks(pred_masks), target)
+        self.val_clip_metrics.update(pred_masks, batch["masks"])
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.val_metrics.compute()
+        scores = self.val_metrics.compute() | self.val_clip_metrics.compute()
         self.log_dict({f"val/{k}": v for k, v in scores.items() if k != "dice"})
         self.log("val/dice", scores["dice"], prog_bar=True)
         self.val_metrics.reset()
+        self.val_clip_metrics.reset()
 
     # ---- set-up -----------------------------------------------------------------------
     def on_fit_start(self) -> None:

@@ -115,3 +115,26 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert len(list((out / "images").glob("*.jpg"))) == 4
     assert synth.main(args) == 1  # refuses to overwrite
     assert synth.main([]) == 2
+
+
+def test_low_contrast_frames_option(full_size: Path, tmp_path: Path) -> None:
+    """Off by default (same bytes, same cache key); on, some frames' vessels fade while the
+    polygons and every other frame stay as they were."""
+    params = {"num_videos": 3, "frames_per_video": 4, "image_size": 256, "seed": 1}
+    assert synth.dataset_key(**params) == synth.dataset_key(**params, low_contrast_frames=0.0)
+    faded = synth.generate_synthetic_dataset(
+        tmp_path / "faded", **params, low_contrast_frames=0.5, low_contrast_factor=0.0
+    )
+    assert (faded / "annotations.json").read_bytes() == (
+        full_size / "annotations.json"
+    ).read_bytes()
+    records, _ = load_annotations(full_size / "annotations.json")
+    contrast = {True: [], False: []}
+    for r in records:
+        mask = r.mask("blood vessel", (256, 256))
+        before = np.asarray(Image.open(r.image_path), dtype=np.float64)
+        after = np.asarray(Image.open(faded / "images" / r.image_path.name), dtype=np.float64)
+        changed = not np.array_equal(before, after)
+        contrast[changed].append(after[mask].mean() - after[~mask].mean())
+    assert contrast[True] and contrast[False]  # some frames faded, some not
+    assert max(contrast[True]) < 5 < min(contrast[False])

@@ -58,6 +58,12 @@ def test_outputs_exist_and_agree(trained, compose_cfg):  # noqa: F811
     videos = read_csv(out / "per_video.csv")
     assert [v["video_id"] for v in videos] == list(test_videos)
     assert result["temporal"]["success_rate"]["n"] == len(test_videos)
+    assert result["temporal"]["tci"]["n"] == len(test_videos)  # TCI beside the fluctuation
+    tci = [float(v["tci"]) for v in videos]
+    assert result["temporal"]["tci"]["mean"] == pytest.approx(np.mean(tci))
+    assert all(
+        0 <= n <= len(test_videos[v["video_id"]]) - 2 for n, v in zip(tci, videos, strict=True)
+    )
 
     figures = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert "contact_sheet.png" in figures and len(figures) == 4  # best, median, worst, sheet

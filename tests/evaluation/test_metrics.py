@@ -37,10 +37,14 @@ from sa2va.evaluation.metrics import (
     iou,
     precision,
     recall,
+    shape_attributes,
     surface_dice,
+    tci_thresholds,
     temporal_consistency,
+    temporal_consistency_index,
     tune_threshold,
 )
+from sa2va.evaluation.video_metrics import ClipMetrics, add_tci, object_curves
 
 BOUNDED = {"iou": iou, "dice": dice, "precision": precision, "recall": recall, "cldice": cldice}
 BOUNDED["nsd"] = surface_dice
@@ -279,6 +283,51 @@ def test_temporal_consistency_tracks_moving_vessel() -> None:
     assert static["temporal_iou_diff"] == pytest.approx(((1 - 12 / 20) + (1 - 8 / 24)) / 2)
     single = temporal_consistency(g[:1], g[:1])
     assert math.isnan(single["temporal_iou_diff"]) and math.isnan(single["max_iou_change"])
+
+
+def test_tci_hand_computed() -> None:
+    """Painchaud et al. 2022: |a_t - (a_t-1 + a_t+1)/2| against the reference's largest."""
+    g = [_square(c=c) for c in (1, 2, 4, 5)]  # annotation: the square slides right
+    attrs = shape_attributes(g)
+    # area 16/144, centroid row (2 + 1.5)/12, centroid column (c + 1.5)/12
+    np.testing.assert_allclose(attrs[:, 0], 16 / 144)
+    np.testing.assert_allclose(attrs[:, 1], 3.5 / 12)
+    np.testing.assert_allclose(attrs[:, 2], np.array([2.5, 3.5, 5.5, 6.5]) / 12)
+    # column: |3.5 - (2.5 + 5.5)/2| = |5.5 - (3.5 + 6.5)/2| = 0.5 (/12); area, row: constant
+    thresholds = tci_thresholds([attrs])
+    np.testing.assert_allclose(thresholds, [0.0, 0.0, 0.5 / 12])
+    tci = lambda masks: temporal_consistency_index(shape_attributes(masks), thresholds)  # noqa: E731
+    assert tci(g) == 0  # the reference itself: never above its own largest change
+    assert tci([_square(c=2)] * 4) == 0  # a constant mask: ideal
+    empty = np.zeros((12, 12), dtype=bool)
+    # the mask vanishes in frame 1: area deltas 16/144 (frame 1) and 8/144 (frame 2) > 0
+    assert tci([_square(), empty, _square(), _square()]) == 2
+    # jitter: columns 2.5, 5.5, 3.5, 6.5 -> deltas 2.5/12 at frames 1 and 2 > 0.5/12
+    assert tci([_square(c=c) for c in (1, 4, 2, 5)]) == 2
+    assert tci([_square(c=c) for c in (1, 4, 2)]) == 1  # both ends count as consistent
+    np.testing.assert_allclose(tci_thresholds([]), 0.0)
+
+
+def test_tci_per_video_and_in_loop_use_thresholds_of_all_references() -> None:
+    """Video 1's annotation slides by 0.5 px/frame of jitter, video 2's stays put: the
+    thresholds come from both, so video 2's prediction may jitter as much as video 1's."""
+    g1 = [_square(c=c) for c in (1, 2, 4, 5)]
+    g2 = [_square(c=2)] * 4
+    p2 = [_square(c=c) for c in (2, 2, 3, 3)]  # deltas 0.5/12 at frames 1 and 2: allowed
+    p1 = [_square(c=c) for c in (1, 4, 2, 5)]  # deltas 2.5/12: both inner frames flagged
+    stack = lambda masks: [m[None].astype(np.float32) for m in masks]  # noqa: E731  (M=1)
+    curves = object_curves(stack(p1), stack(g1), 0.5) + object_curves(stack(p2), stack(g2), 0.5)
+    rows = [{}, {}]
+    add_tci(rows, curves)
+    assert [r["tci"] for r in rows] == [2.0, 0.0]
+    # in the loop: the same two clips as (T, M=1, H, W) logits and targets
+    metric = ClipMetrics(threshold=0.5)
+    logits = [torch.from_numpy(np.stack(p)[:, None] * 20.0 - 10.0) for p in (p1, p2)]
+    metric.update(logits, [torch.from_numpy(np.stack(g)[:, None]) for g in (g1, g2)])
+    scores = metric.compute()
+    assert scores["tci"].item() == 2.0
+    expected_hd = np.nanmean([hd95(a, b) for a, b in zip(p1 + p2, g1 + g2, strict=True)])
+    assert scores["hd95"].item() == pytest.approx(expected_hd)
 
 
 # ---------------------------------------------------------------- threshold tuning

@@ -137,3 +137,31 @@ def test_probabilities_resize_to_the_image_size():
     assert probs.shape == (1, 4, 6) and probs.min() >= 0 and probs.max() <= 1
     assert probs[0, 0, -1] > 0.99 and probs[0, 0, 0] < 0.01
     assert probabilities(logits[:0], (4, 6)).shape == (0, 4, 6)
+
+
+def test_temporal_model_segments_windows_of_its_clip_length(compose_cfg):
+    """per_frame: windows of the training clip (3 frames, overlap 1 by default: starts 0, 2),
+    the shared frame 2 gets the mean of both windows' logits; propagate mixes all frames'
+    features in the same windows, and a zero-initialised module changes nothing."""
+    torch.manual_seed(0)
+    temporal = instantiate(compose_cfg("model.temporal=tra", "data.clip_len=3").model).eval()
+    torch.manual_seed(0)
+    plain = instantiate(compose_cfg().model).eval()
+    temporal.load_state_dict(plain.state_dict(), strict=False)
+    clip, prompt = frames(5), PROMPTS[:1]
+    before = segment_video(temporal, clip, prompt, video_mode="propagate").logits
+    after = segment_video(plain, clip, prompt, video_mode="propagate").logits
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        for p in temporal.temporal.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pred = segment_video(temporal, clip, prompt, batch_size=8)
+    windows = [
+        segment_video(temporal, clip[s : s + 3], prompt, batch_size=8).logits for s in (0, 2)
+    ]
+    torch.testing.assert_close(pred.logits[0], windows[0][0])
+    torch.testing.assert_close(pred.logits[2], (windows[0][2] + windows[1][0]) / 2)
+    torch.testing.assert_close(pred.logits[4], windows[1][2])
+    mixed = segment_video(temporal, clip, prompt, video_mode="propagate").logits
+    assert not torch.allclose(mixed[0], before[0])

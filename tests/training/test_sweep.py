@@ -43,6 +43,19 @@ def test_ablate_loss_sweeps_the_seed_001_weight_table(compose_cfg):
     assert len(jobs) == 12 and {j[1] for j in jobs} == {"seed=0", "seed=1", "seed=2"}
 
 
+def test_ablate_temporal_differs_only_in_the_module(compose_cfg):
+    sweep = compose_cfg("experiment=ablate_temporal")
+    jobs = sweep_jobs(sweep.hydra.sweeper.params)
+    assert len(jobs) == 12
+    arms = set()
+    for job in jobs:
+        cfg = compose_cfg("experiment=ablate_temporal", *job)
+        arms.add(cfg.model.temporal)
+        assert (cfg.data.clip_len, cfg.model.temporal_window) == (2, 2)
+        assert cfg.data.synthetic.low_contrast_frames == 0.3
+    assert arms == {"none", "adapter", "attention", "tra"}
+
+
 def test_ablate_freeze_arms_override_the_tiny_models_freeze_preset(compose_cfg):
     sweep = compose_cfg("experiment=ablate_freeze")
     jobs = sweep_jobs(sweep.hydra.sweeper.params)
