@@ -24,15 +24,11 @@ from PIL import Image
 
 from sa2va.data.annotations import FrameRecord
 from sa2va.data.datamodule import OCTDataModule, load_rgb
-from sa2va.evaluation.evaluate import (
-    VideoResult,
-    csv_bytes,
-    results_markdown,
-    score_video,
-    summarise,
-)
+from sa2va.evaluation.evaluate import VideoResult, score_video, summarise
+from sa2va.evaluation.report import csv_bytes, results_markdown
+from sa2va.evaluation.video_metrics import add_tci, object_curves
 from sa2va.overrides import hydra_overrides
-from sa2va.utils import atomic_write_bytes, atomic_write_json, git_sha
+from sa2va.utils import atomic_write_bytes, atomic_write_json, git_sha, run_record
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +196,7 @@ def run_nnunet(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(out_dir),
         "nnunet": {"dataset": name, "trainer": TRAINER} | OmegaConf.to_container(ncfg),
     }
-    try:
+    with run_record(out_dir / "metrics.json", summary):
         folders = set_nnunet_env(out_dir / "nnunet", ncfg.workers, ncfg.processes)
         dm = instantiate(cfg.data)
         raw_dir = folders["nnUNet_raw"] / name
@@ -209,11 +205,13 @@ def run_nnunet(cfg: DictConfig) -> dict[str, Any]:
         device = resolve_device(ncfg.device)
         model_dir = plan_and_train(ncfg.dataset_id, ncfg, device)
         summary["checkpoint"] = str(model_dir / "fold_0" / "checkpoint_final.pth")
-        image_rows, video_rows = [], []
+        image_rows, video_rows, curves = [], [], []
         for video in predict_test(model_dir, dm, raw_dir, ecfg.split, device):
             rows, vrows = score_video(video, ecfg.threshold, ecfg.tolerance, ecfg.fluctuation_limit)
             image_rows.extend(rows)
             video_rows.extend(vrows)
+            curves.extend(object_curves(video.probs, video.gts, ecfg.threshold))
+        add_tci(video_rows, curves)  # TCI as sa2va.eval computes it
         result = summarise(image_rows, video_rows, ecfg.threshold, ecfg.n_boot, cfg.seed)
         summary |= {"results": {"default": result}, "missing_masks": 0}
         summary |= {"n_images": result["n_images"], "n_videos": result["n_videos"]}
@@ -221,10 +219,4 @@ def run_nnunet(cfg: DictConfig) -> dict[str, Any]:
         atomic_write_bytes(out_dir / "per_video.csv", csv_bytes(video_rows))
         summary["status"] = "completed"
         atomic_write_bytes(out_dir / "results.md", results_markdown(summary).encode())
-    except BaseException as error:
-        summary["status"] = "failed"
-        summary["error"] = f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        atomic_write_json(out_dir / "metrics.json", summary)
     return summary

@@ -21,7 +21,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from sa2va.evaluation.evaluate import format_stat
+from sa2va.evaluation.report import format_stat
 from sa2va.utils import checkpoint_record
 
 log = logging.getLogger(__name__)

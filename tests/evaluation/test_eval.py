@@ -17,6 +17,7 @@ from helpers.trained_fixture import trained  # noqa: F401  (fixture)
 from hydra.utils import instantiate
 
 import sa2va.evaluation.evaluate as ev
+import sa2va.evaluation.report as report
 from sa2va.inference.predict import threshold_path
 
 
@@ -151,9 +152,9 @@ def test_select_cases_skips_empty_ground_truth_and_repeats():
     dice = [0.9, 0.1, 0.5, 1.0, 0.3]
     rows = [{"dice": d, "tp": 1, "fn": 0} for d in dice]
     rows[3] = {"dice": 1.0, "tp": 0, "fn": 0}  # empty GT, empty prediction
-    cases = ev.select_cases(rows, 1)
+    cases = report.select_cases(rows, 1)
     assert cases == [("best", 0), ("median", 4), ("worst", 1)]
-    assert len(ev.select_cases(rows[:2], 2)) == 2  # fewer frames than cases: no repeats
+    assert len(report.select_cases(rows[:2], 2)) == 2  # fewer frames than cases: no repeats
 
 
 def test_logs_scalars_and_figures_to_an_active_wandb_run(tmp_path, monkeypatch, compose_cfg):
@@ -168,7 +169,7 @@ def test_logs_scalars_and_figures_to_an_active_wandb_run(tmp_path, monkeypatch, 
         "results": {"default": {"threshold": 0.5, "per_image": {"dice": stats}}},
     }
     figure = tmp_path / "figures" / "contact_sheet.png"
-    ev.log_to_wandb(compose_cfg(config_name="eval"), summary, [figure])
+    report.log_to_wandb(compose_cfg(config_name="eval"), summary, [figure])
     assert logged == {
         "eval/test/default/dice": 0.8,
         "eval/test/default/threshold": 0.5,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sa2va.evaluation.evaluate import results_markdown
 from sa2va.evaluation.metrics import aggregate
+from sa2va.evaluation.report import results_markdown
 from sa2va.evaluation.statistics import (
     cluster_bootstrap_ci,
     holm,

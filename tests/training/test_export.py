@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 import sa2va.model.checkpoints as checkpoints
-from sa2va.evaluation.evaluate import evaluate, format_stat
+from sa2va.evaluation.evaluate import evaluate
+from sa2va.evaluation.report import format_stat
 from sa2va.inference.predict import load_model
 from sa2va.model.checkpoints import load_official_sa2va, read_state_dict
 from sa2va.model.releases import release_from_config, release_shapes
@@ -286,7 +287,7 @@ def test_export_carries_a_model_card_with_the_runs_numbers(trained, compose_cfg,
     assert f"**{evaluation['threshold_tuning']['threshold']:g}**, tuned on the val split" in text
     recorded = json.loads((run / "metrics.json").read_text())
     assert f"val/dice {recorded['metrics']['val/dice']:.4f}" in text
-    assert '"name": "bce_dice_lang"' in text and '"w_lang": 0.5' in text
+    assert '"name": "bce_dice_lang"' in text and '"weights.lang": 0.5' in text
     dm = instantiate(compose_cfg(*FAST_DATA).data)
     ids = {s: dm.video_ids(s) for s in ("train", "val", "test")}
     for split, videos in ids.items():
