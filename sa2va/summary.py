@@ -16,6 +16,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from sa2va.evaluation.report import format_stat
+
 # Training metrics worth a line, in this order (the rest stay in metrics.json).
 TRAIN_HEADLINE = ("val/dice", "val/iou", "test/dice", "test/iou", "val/loss", "train/loss")
 EVAL_HEADLINE = ("dice", "iou", "cldice", "hd95")
@@ -72,12 +74,6 @@ def train_summary(record: Mapping[str, Any]) -> str:
     return render(f"train {record['status']}", metrics, paths, commands)
 
 
-def _ci(stats: Mapping[str, float]) -> str:
-    if not stats.get("n"):
-        return "n/a"
-    return f"{stats['mean']:.4f} [{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]"
-
-
 def eval_summary(record: Mapping[str, Any]) -> str:
     """After ``python -m sa2va.eval``: per-image means with CIs at each threshold."""
     out = Path(record["output_dir"])
@@ -88,7 +84,7 @@ def eval_summary(record: Mapping[str, Any]) -> str:
         for key in EVAL_HEADLINE:
             if key in per_image:
                 label = f"{key} @ {result['threshold']:g} ({name}, {ci}% CI)"
-                metrics.append((label, _ci(per_image[key])))
+                metrics.append((label, format_stat(per_image[key], record["n_videos"])))
     ckpt = record["checkpoint"]
     commands = []
     if "tuned" not in record["results"]:

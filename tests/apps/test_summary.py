@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from sa2va.evaluation.evaluate import evaluate
+from sa2va.evaluation.report import format_stat
 from sa2va.inference.predict import predict
 from sa2va.overrides import parse_overrides
 from sa2va.summary import (
@@ -67,7 +68,7 @@ def test_eval_summary_shows_the_cis_and_offers_tuning(trained, compose_cfg, tmp_
     record = evaluate(cfg)
     text = eval_summary(record)
     dice = record["results"]["default"]["per_image"]["dice"]
-    ci = f"{dice['mean']:.4f} [{dice['ci_low']:.4f}, {dice['ci_high']:.4f}]"
+    ci = format_stat(dice, record["n_videos"])  # as results.md writes it
     assert table(text)["dice @ 0.5 (default, 95% CI)"] == ci
     assert f"results: {Path(cfg.paths.output_dir) / 'results.md'}" in text
     tune = next_commands(text)["sa2va.eval"]

@@ -89,6 +89,7 @@ def project_model(compose_cfg, release: Release) -> torch.nn.Module:
     with open_dict(cfg):
         cfg.model.mllm.path = None
         cfg.model.mllm.config.text_config.vocab_size = release.vocab
+        cfg.model.lora = None  # a release holds no adapters (training adds them: model.lora)
     with on_meta():
         return instantiate(to_plain(cfg.model), load_pretrained=False, _convert_="all")
 
