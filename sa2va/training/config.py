@@ -59,13 +59,15 @@ class DataSchema:
     max_eval_clip_len: int = MISSING
     batch_size: int = MISSING
     eval_batch_size: int = MISSING
-    num_workers: int = MISSING
+    num_workers: Optional[int] = MISSING
     on_bad_record: str = MISSING
     video_pattern: str = MISSING
     category_names: dict[int, str] = MISSING
     prompt_template: str = MISSING
     answer_template: str = MISSING
     hflip_prob: float = MISSING
+    # the `augment` group (sa2va.data.augment.ClipAugment), or none
+    augment: Optional[Any] = None
     predict_split: str = MISSING
 
 
