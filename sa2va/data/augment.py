@@ -90,7 +90,7 @@ class ClipAugment:
         speckle_looks: tuple[float, float] = (4.0, 8.0),
         band_prob: float = 0.0,
         band_coeff: tuple[float, float] = (0.0, 0.0),
-        mask_threshold: float = 0.4,
+        mask_threshold: float = 0.3,
     ) -> None:
         if not 0.0 < mask_threshold < 1.0:
             raise ValueError(f"augment.mask_threshold must be in (0, 1), got {mask_threshold}")
