@@ -42,6 +42,17 @@ def key_frame_indices(num_frames: int, max_frames: int) -> list[int]:
     return np.linspace(0, num_frames - 1, max_frames).round().astype(int).tolist()
 
 
+INTENSITY_NORMS = ("fixed", "zscore")
+
+
+def zscore_pixels(pixels: Tensor) -> Tensor:
+    """Each image of (..., C, H, W) [0, 1] pixels to zero mean and unit std over its own
+    pixels: OCT brightness varies by device and depth, which a fixed mean/std keeps."""
+    dims = (-3, -2, -1)
+    std = pixels.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    return (pixels - pixels.mean(dim=dims, keepdim=True)) / std
+
+
 class Sa2VAProcessor:
     """Turns a clip and its per-object prompts into tensors for `Sa2VA`."""
 
@@ -56,8 +67,12 @@ class Sa2VAProcessor:
         system_prompt: str | None = None,
         template: ChatTemplate = CHAT_TEMPLATES["qwen_chat"],
         sam2_bf16_norm: bool = False,
+        intensity_norm: str = "fixed",
     ) -> None:
-        """``sam2_bf16_norm``: round the SAM2 view's ImageNet mean/std to bfloat16 as the
+        """``intensity_norm``: ``fixed`` (ImageNet mean/std, as official) or ``zscore`` (each
+        image z-scored first, then the fixed normalisation), for both views.
+
+        ``sam2_bf16_norm``: round the SAM2 view's ImageNet mean/std to bfloat16 as the
         official HF inference does (to reproduce its outputs exactly). Off by default: the
         official training, and SAM2 itself, use the exact constants, and this processor
         serves training and inference alike, which must see the same normalisation."""
@@ -69,6 +84,11 @@ class Sa2VAProcessor:
         self.mask_size = mask_size or sam2_image_size
         self.mllm_frames = mllm_frames
         self.system_prompt = system_prompt
+        if intensity_norm not in INTENSITY_NORMS:
+            raise ValueError(
+                f"intensity_norm must be one of {INTENSITY_NORMS}, got {intensity_norm!r}"
+            )
+        self.intensity_norm = intensity_norm
         norm_dtype = torch.bfloat16 if sam2_bf16_norm else torch.float32
         self._sam2_mean = torch.tensor(IMAGENET_MEAN, dtype=norm_dtype).float().view(3, 1, 1)
         self._sam2_std = torch.tensor(IMAGENET_STD, dtype=norm_dtype).float().view(3, 1, 1)
@@ -82,8 +102,10 @@ class Sa2VAProcessor:
         """
         size = self.sam2_image_size
         resized = frame.convert("RGB").resize((size, size), Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
-        return (pixels.permute(2, 0, 1) - self._sam2_mean) / self._sam2_std
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if self.intensity_norm == "zscore":
+            pixels = zscore_pixels(pixels)
+        return (pixels - self._sam2_mean) / self._sam2_std
 
     def image_text(self, tiles_per_frame: Sequence[int]) -> str:
         """`<img>` + context tokens + `</img>` per frame, joined by `\n` (no frame labels)."""
@@ -93,11 +115,16 @@ class Sa2VAProcessor:
     def vision_inputs(self, frames: Sequence[Image.Image]) -> dict[str, Tensor]:
         """InternVL tiles: one image is tiled dynamically, each video frame is one tile."""
         tile = len(frames) == 1 and self.image_processor.max_patches > 1
-        return self.image_processor(
+        out = self.image_processor(
             images=[f.convert("RGB") for f in frames],
             crop_to_patches=tile,
             return_tensors="pt",
         )
+        if self.intensity_norm == "zscore":  # undo the fixed normalisation, z-score, redo it
+            mean = torch.tensor(self.image_processor.image_mean).view(3, 1, 1)
+            std = torch.tensor(self.image_processor.image_std).view(3, 1, 1)
+            out["pixel_values"] = (zscore_pixels(out["pixel_values"] * std + mean) - mean) / std
+        return out
 
     def encode(
         self, prompts: Sequence[str], answers: Sequence[str], image_text: str
