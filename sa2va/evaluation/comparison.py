@@ -22,6 +22,8 @@ from sa2va.utils import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 METRICS = ("val/dice", "val/iou", "val/precision", "val/recall")
+# the test split scored with the best-val checkpoint at the end of each run (sa2va.training.run)
+TEST_METRICS = ("test/dice", "test/iou", "test/precision", "test/recall")
 BEST = "val/dice (best)"  # ModelCheckpoint's best score (max val/dice over validations)
 CURVES = ("val/dice", "train/loss")
 STATUSES = ("completed", "failed", "missing")
@@ -101,7 +103,8 @@ def load_job(run_dir: Path) -> Job:
             summary = json.loads(metrics_path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{metrics_path}: not valid JSON ({error})") from error
-    metrics = {k: float(v) for k, v in (summary.get("metrics") or {}).items() if k in METRICS}
+    recorded = (summary.get("metrics") or {}).items()
+    metrics = {k: float(v) for k, v in recorded if k in METRICS + TEST_METRICS}
     if summary.get("best_score") is not None:
         metrics[BEST] = float(summary["best_score"])
     csv_files = sorted(p for p in run_dir.rglob("metrics.csv") if "wandb" not in p.parts)
@@ -205,7 +208,7 @@ class Comparison:
     fixed: dict[str, str]
     details: list[str]  # flat ablation keys that differ between groups (e.g. loss weights)
     groups: list[Group]
-    metrics: tuple[str, ...] = (*METRICS, BEST)
+    metrics: tuple[str, ...] = (*METRICS, BEST, *TEST_METRICS)
 
     @property
     def jobs(self) -> list[Job]:
@@ -246,8 +249,8 @@ class Comparison:
             f"Source: `{self.source}`: {len(self.jobs)} jobs ("
             + ", ".join(f"{n} {s}" for s, n in counts.items())
             + f") in {len(self.groups)} groups. Cells: mean ± sample std over a group's"
-            " completed jobs (its seeds): final validation metrics, and each run's best"
-            " validation Dice.",
+            " completed jobs (its seeds): final validation metrics, each run's best"
+            " validation Dice, and test metrics of its best-validation checkpoint.",
             "",
         ]
         if self.fixed:
