@@ -120,21 +120,27 @@ def test_same_batches_with_or_without_workers(tmp_path: Path) -> None:
     augment = instantiate(augment_config("strong"))
     plain = train_batches(synth_dm(tmp_path, augment=augment, num_workers=0, batch_size=2))
     workers = train_batches(synth_dm(tmp_path, augment=augment, num_workers=2, batch_size=2))
-    assert len(plain) == len(workers) == 2
+    assert len(plain) == len(workers) == 6  # 2 epochs of 6 clips in batches of 2
     for a, b in zip(plain, workers, strict=True):
         assert torch.equal(a["masks"], b["masks"])
         assert torch.equal(a["g_pixel_values"], b["g_pixel_values"])
-    # and the two epochs differ (the same clips, other draws)
-    assert not torch.equal(plain[0]["g_pixel_values"], plain[1]["g_pixel_values"])
 
 
 def test_augmented_samples_change_and_turn_the_feature_cache_off(tmp_path: Path) -> None:
     none = synth_dm(tmp_path, augment=instantiate(augment_config("none")))
     light = synth_dm(tmp_path, augment=instantiate(augment_config("light")))
     assert not none.augment.enabled and light.augment.enabled
-    plain, augmented = none.dataset("train")[(0, 0)], light.dataset("train")[(0, 0)]
-    assert plain["frame_keys"] is not None and augmented["frame_keys"] is None
-    assert not torch.equal(plain["g_pixel_values"], augmented["g_pixel_values"])
+    plain, augmented = none.dataset("train"), light.dataset("train")
+    assert plain[(0, 0)]["frame_keys"] is not None and augmented[(0, 0)]["frame_keys"] is None
+    # (light leaves about 1 in 14 samples as they are: some of the first four change)
+    changed = [
+        not torch.equal(plain[(0, i)]["g_pixel_values"], augmented[(0, i)]["g_pixel_values"])
+        for i in range(4)
+    ]
+    assert any(changed)
+    # the same clip in another epoch gets other draws
+    epochs = [augmented[(e, 0)]["g_pixel_values"] for e in range(3)]
+    assert not (torch.equal(epochs[0], epochs[1]) and torch.equal(epochs[0], epochs[2]))
     # evaluation is never augmented, and keeps its cache keys
     val = light.dataset("val")[0]
     assert val["frame_keys"] is not None
