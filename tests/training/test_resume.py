@@ -82,7 +82,7 @@ def test_crashed_run_resumes_to_the_uninterrupted_result(compose_cfg, tmp_path, 
         cfg = compose_cfg(
             *RESUMABLE,
             *overrides,
-            "+callbacks.crash._target_=tests.test_resume.CrashAt",
+            "+callbacks.crash._target_=tests.training.test_resume.CrashAt",
             f"+callbacks.crash.step={CRASH_STEP}",
         )
         with open_dict(cfg):
@@ -104,7 +104,7 @@ def test_sigkilled_process_resumes_to_the_uninterrupted_result(compose_cfg, tmp_
                 *RESUMABLE,
                 f"hydra.run.dir={run_dir}",
                 f"paths.cache_dir={cache_dir}",
-                "+callbacks.crash._target_=tests.test_resume.CrashAt",
+                "+callbacks.crash._target_=tests.training.test_resume.CrashAt",
                 f"+callbacks.crash.step={CRASH_STEP}",
                 "+callbacks.crash.sigkill=true",
             ],
@@ -131,7 +131,7 @@ def test_two_process_ddp_run_resumes_to_the_uninterrupted_result(tmp_path, cache
     full_dir, crashed = tmp_path / "full", tmp_path / "crashed"
     full = run(full_dir)
     assert full.returncode == 0, full.stderr[-3000:]
-    crash = run(crashed, "+callbacks.crash._target_=tests.test_resume.CrashAt",
+    crash = run(crashed, "+callbacks.crash._target_=tests.training.test_resume.CrashAt",
                 f"+callbacks.crash.step={CRASH_STEP}")  # fmt: skip
     assert crash.returncode != 0 and "simulated crash" in crash.stderr, crash.stderr[-3000:]
     assert last_checkpoint_meta(crashed)["global_step"] == CRASH_STEP - 1
