@@ -8,6 +8,7 @@ tensors, and the dataset adds the ground-truth masks rasterised at ``processor.m
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -27,6 +28,7 @@ from sa2va.data.annotations import (
     group_videos,
     load_annotations,
 )
+from sa2va.data.augment import ClipAugment
 from sa2va.data.sampling import ResumableDataLoader, ResumableSampler
 from sa2va.data.synth import default_cache_dir, ensure_synthetic_dataset
 
@@ -119,6 +121,12 @@ def frame_key(record: FrameRecord) -> str:
     return f"{record.image_path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def default_num_workers() -> int:
+    """``min(4, cores - 1)``, at least 1: loading overlaps the model step, and one core is
+    left to the main process (the cores this process may use, not the machine's)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) - 1))
+
+
 class OCTClipDataset(Dataset):
     """Clips of consecutive frames -> processor sample + masks (T, M, S, S).
 
@@ -135,6 +143,7 @@ class OCTClipDataset(Dataset):
         answer_template: str = "Sure, [SEG].",
         hflip_prob: float = 0.0,
         augment_seed: int = 0,
+        augment: ClipAugment | None = None,
     ) -> None:
         self.clips = [list(c) for c in clips]
         self.processor = processor
@@ -142,6 +151,7 @@ class OCTClipDataset(Dataset):
         self.answer_template = answer_template
         self.hflip_prob = hflip_prob
         self.augment_seed = augment_seed
+        self.augment = augment if augment is not None and augment.enabled else None
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -153,6 +163,18 @@ class OCTClipDataset(Dataset):
             return False
         rng = np.random.default_rng([self.augment_seed, epoch, index])
         return bool(rng.random() < self.hflip_prob)
+
+    def augmented(
+        self, frames: list[Image.Image], masks: torch.Tensor, epoch: int, index: int
+    ) -> tuple[list[Image.Image], torch.Tensor]:
+        """The clip through ``augment``, its frames first brought to the masks' size so one
+        warp serves both (the processor resizes frames for its views anyway)."""
+        assert self.augment is not None
+        height, width = masks.shape[-2:]
+        pixels = np.stack([np.asarray(f.resize((width, height), Image.BILINEAR)) for f in frames])
+        key = (self.augment_seed, epoch, index)
+        pixels, warped = self.augment(pixels, masks.numpy(), key)
+        return [Image.fromarray(p) for p in pixels], torch.from_numpy(warped)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """``key``: an index, or ``(epoch, index)`` from the training sampler (an index alone
@@ -169,6 +191,8 @@ class OCTClipDataset(Dataset):
         if self.flips(epoch, index):  # the same flip for the whole clip
             frames = [f.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for f in frames]
             masks = masks.flip(-1)
+        if self.augment is not None:
+            frames, masks = self.augmented(frames, masks, epoch, index)
         prompts, answers = conversation(self.prompt_template, self.answer_template, names)
         if self.processor is not None:
             sample = dict(self.processor(frames, prompts, answers))
@@ -180,7 +204,8 @@ class OCTClipDataset(Dataset):
         sample["image_paths"] = [str(r.image_path) for r in clip]
         # Names each frame's pixels for the model's frozen-encoder feature cache; left out
         # (None) while random augmentation makes them differ from the file's.
-        sample["frame_keys"] = None if self.hflip_prob > 0 else [frame_key(r) for r in clip]
+        randomised = self.hflip_prob > 0 or self.augment is not None
+        sample["frame_keys"] = None if randomised else [frame_key(r) for r in clip]
         return sample
 
 
@@ -205,13 +230,14 @@ class OCTDataModule(L.LightningDataModule):
         max_eval_clip_len: int = 32,
         batch_size: int = 2,
         eval_batch_size: int = 1,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         on_bad_record: OnBadRecord = "error",
         video_pattern: str = DEFAULT_VIDEO_PATTERN,
         category_names: Mapping[int, str] | None = None,
         prompt_template: str = "<image>\nPlease segment the {name}.",
         answer_template: str = "Sure, [SEG].",
         hflip_prob: float = 0.0,
+        augment: ClipAugment | None = None,
         predict_split: Split = "test",
         processor: Processor | None = None,
     ) -> None:
@@ -220,7 +246,8 @@ class OCTDataModule(L.LightningDataModule):
             raise ValueError("clip_len, clip_stride and max_eval_clip_len must be >= 1")
         if eval_clip_len is not None and eval_clip_len < 1:
             raise ValueError("eval_clip_len must be >= 1 or None (whole videos)")
-        self.save_hyperparameters(ignore=["processor"])
+        # the augmentation is an object (its options are in the run's config)
+        self.save_hyperparameters(ignore=["processor", "augment"])
         self.root = root
         self.annotations_file = annotations_file
         self.synthetic = dict(synthetic or {})
@@ -231,13 +258,14 @@ class OCTDataModule(L.LightningDataModule):
         self.clip_len, self.clip_stride = clip_len, clip_stride
         self.eval_clip_len, self.max_eval_clip_len = eval_clip_len, max_eval_clip_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers = num_workers
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.on_bad_record = on_bad_record
         self.video_pattern = video_pattern
         names = category_names or DEFAULT_CATEGORY_NAMES
         self.category_names = {int(k): str(v) for k, v in names.items()}
         self.prompt_template, self.answer_template = prompt_template, answer_template
         self.hflip_prob = hflip_prob
+        self.augment = augment
         self.predict_split = predict_split
         self.processor = processor
         self.bad_records: list[BadRecord] = []
@@ -310,6 +338,7 @@ class OCTDataModule(L.LightningDataModule):
             self.answer_template,
             self.hflip_prob if split == "train" else 0.0,
             augment_seed=self.shuffle_seed,
+            augment=self.augment if split == "train" else None,
         )
 
     def _loader(self, split: Split, batch_size: int, shuffle: bool) -> DataLoader:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from skimage.draw import line, polygon
 from skimage.measure import points_in_poly
 from skimage.morphology import skeletonize
 
 HW = tuple[int, int]
+# A crossing or vertex this close to a pixel centre is left to skimage's exact test.
+_TIE = 1e-6
 
 
 def scale_points(points: np.ndarray, src_hw: HW, out_hw: HW) -> np.ndarray:
@@ -30,21 +31,90 @@ def scale_points(points: np.ndarray, src_hw: HW, out_hw: HW) -> np.ndarray:
     return np.stack([(pts[:, 0] + 0.5) * sx - 0.5, (pts[:, 1] + 0.5) * sy - 0.5], axis=1)
 
 
+def _runs(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For runs of ``lengths``: each element's run number and its offset within the run."""
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    return owner, np.arange(len(owner)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
 def _fill(pts: np.ndarray, hw: HW) -> np.ndarray:
+    """Pixel centres inside or on the polygon: the pixels of ``skimage.draw.polygon``.
+
+    skimage tests every pixel of the bounding box against every edge, which costs O(box x
+    vertices) and made rasterisation the data loader's bottleneck; long diagonal vessel
+    tubes have large boxes. This scanline fill finds each row's edge crossings once and
+    fills between them (crossing-number parity, skimage's rule). Pixel centres that may lie
+    on the outline, where rounding could decide, are left to skimage's own point-in-polygon
+    test, so the masks stay identical to skimage's.
+    """
     mask = np.zeros(hw, dtype=bool)
-    rr, cc = polygon(pts[:, 1], pts[:, 0], shape=hw)
-    mask[rr, cc] = True
+    x, y = pts[:, 0], pts[:, 1]
+    r0, r1 = int(max(0.0, y.min())), min(hw[0] - 1, int(np.ceil(y.max())))
+    c0, c1 = int(max(0.0, x.min())), min(hw[1] - 1, int(np.ceil(x.max())))
+    if r1 < r0 or c1 < c0:
+        return mask
+    xa, ya, xb, yb = x, y, np.roll(x, 1), np.roll(y, 1)
+    # an edge crosses the rows min(ya, yb) <= r < max(ya, yb): half-open, as skimage, so
+    # a row through a vertex counts it once
+    first = np.maximum(np.ceil(np.minimum(ya, yb)), r0).astype(np.int64)
+    last = np.minimum(np.ceil(np.maximum(ya, yb)) - 1, r1).astype(np.int64)
+    edge, offset = _runs(np.maximum(last - first + 1, 0))
+    row = first[edge] + offset
+    xc = xa[edge] + (row - ya[edge]) * (xb[edge] - xa[edge]) / (yb[edge] - ya[edge])
+    # each row's crossings in order pair up into runs: the centres strictly right of the
+    # first crossing up to the second (a crossing on a centre is a tie, decided below)
+    order = np.lexsort((xc, row))
+    row, xc = row[order], xc[order]
+    width = c1 - c0 + 1
+    start = np.clip(np.floor(xc[0::2]).astype(np.int64) + 1 - c0, 0, width)
+    stop = np.clip(np.floor(xc[1::2]).astype(np.int64) + 1 - c0, 0, width)
+    run, offset = _runs(np.maximum(stop - start, 0))
+    inside = np.zeros((r1 - r0 + 1, width), dtype=bool)
+    inside[row[0::2][run] - r0, start[run] + offset] = True
+    # ties, the centres that may lie on the outline: crossings (nearly) through a centre,
+    # vertices, and horizontal edges along a row of centres
+    near = np.abs(xc - np.rint(xc)) < _TIE
+    flat = (np.abs(ya - yb) < _TIE) & (np.abs(ya - np.rint(ya)) < _TIE)
+    lo, hi = np.floor(np.minimum(xa, xb)[flat]), np.ceil(np.maximum(xa, xb)[flat])
+    seg, offset = _runs((hi - lo + 1).astype(np.int64))
+    tie_r = np.concatenate([row[near], np.rint(y), np.rint(ya[flat])[seg]]).astype(np.int64)
+    tie_c = np.concatenate([np.rint(xc[near]), np.rint(x), lo[seg] + offset]).astype(np.int64)
+    keep = (tie_r >= r0) & (tie_r <= r1) & (tie_c >= c0) & (tie_c <= c1)
+    tie_r, tie_c = tie_r[keep], tie_c[keep]
+    if len(tie_r):
+        centres = np.stack([tie_c, tie_r], axis=1).astype(np.float64)
+        inside[tie_r - r0, tie_c - c0] = points_in_poly(centres, pts)
+    mask[r0 : r1 + 1, c0 : c1 + 1] = inside
     return mask
+
+
+def _bresenham(ij0: np.ndarray, ij1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels of ``skimage.draw.line`` for many integer segments at once.
+
+    One call per segment cost more than the whole fill (a polygon has hundreds of edges).
+    Along the major axis, step ``i`` of ``n`` lies ``floor((2 i m + n) / (2 n))`` pixels off
+    on the minor axis (``m`` its length): the closed form of skimage's error accumulator.
+    """
+    d = ij1 - ij0
+    steep = np.abs(d[:, 0]) > np.abs(d[:, 1])
+    major = np.where(steep, np.abs(d[:, 0]), np.abs(d[:, 1]))
+    minor = np.where(steep, np.abs(d[:, 1]), np.abs(d[:, 0]))
+    seg, i = _runs(major + 1)
+    n, m = major[seg], minor[seg]
+    off_minor = (2 * i * m + n) // np.maximum(2 * n, 1)
+    sign = np.where(d > 0, 1, -1)[seg]
+    dr = np.where(steep[seg], i, off_minor) * sign[:, 0]
+    dc = np.where(steep[seg], off_minor, i) * sign[:, 1]
+    return ij0[seg, 0] + dr, ij0[seg, 1] + dc
 
 
 def _outline(pts: np.ndarray, hw: HW) -> np.ndarray:
     """Closed outline, so polygons thinner than a pixel still leave a connected trace."""
     mask = np.zeros(hw, dtype=bool)
     ij = np.rint(pts[:, ::-1]).astype(np.int64)  # (row, col)
-    for (r0, c0), (r1, c1) in zip(ij, np.roll(ij, -1, axis=0), strict=True):
-        rr, cc = line(r0, c0, r1, c1)
-        keep = (rr >= 0) & (rr < hw[0]) & (cc >= 0) & (cc < hw[1])
-        mask[rr[keep], cc[keep]] = True
+    rr, cc = _bresenham(ij, np.roll(ij, -1, axis=0))
+    keep = (rr >= 0) & (rr < hw[0]) & (cc >= 0) & (cc < hw[1])
+    mask[rr[keep], cc[keep]] = True
     return mask
 
 

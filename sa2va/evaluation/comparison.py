@@ -35,13 +35,15 @@ from sa2va.overrides import parse_overrides
 log = logging.getLogger(__name__)
 
 METRICS = ("val/dice", "val/iou", "val/precision", "val/recall")
-# Per-image means an evaluation job reports (seed 000 §3.1 plus clDice and HD95), as
+# Per-image means an evaluation job reports (the method's comparison table plus clDice and HD95), as
 # "<split>/<key>"; PAIRED is the per-image score the arms are tested on.
 EVAL_KEYS = ("iou", "dice", "precision", "recall", "cldice", "hd95")
 PAIRED = "dice"
 ImageKey = tuple[str, int, str]  # (video_id, frame_index, object)
 # over whole validation clips, unbounded: HD95 in pixels, TCI a count of inconsistent frames
 CLIP_METRICS = ("val/hd95", "val/tci")
+# the test split scored with the best-val checkpoint at the end of each run (sa2va.training.run)
+TEST_METRICS = ("test/dice", "test/iou", "test/precision", "test/recall")
 BEST = "val/dice (best)"  # ModelCheckpoint's best score (max val/dice over validations)
 CURVES = ("val/dice", "train/loss")
 STATUSES = ("completed", "failed", "missing")
@@ -151,7 +153,7 @@ def load_job(run_dir: Path) -> Job:
     metrics = {
         k: float(v)
         for k, v in (summary.get("metrics") or {}).items()
-        if k in (*METRICS, *CLIP_METRICS)
+        if k in (*METRICS, *CLIP_METRICS, *TEST_METRICS)
     }
     if summary.get("best_score") is not None:
         metrics[BEST] = float(summary["best_score"])
@@ -253,7 +255,7 @@ class Comparison:
     fixed: dict[str, str]
     details: list[str]  # flat ablation keys that differ between groups (e.g. loss weights)
     groups: list[Group]
-    metrics: tuple[str, ...] = (*METRICS, *CLIP_METRICS, BEST)
+    metrics: tuple[str, ...] = (*METRICS, *CLIP_METRICS, BEST, *TEST_METRICS)
     reference: Group | None = None  # the arm every other one is tested against
     tests: dict[tuple[str, ...], PairedTest] = field(default_factory=dict)  # by group values
     holm: dict[tuple[str, ...], float] = field(default_factory=dict)  # adjusted p by values
@@ -358,7 +360,8 @@ class Comparison:
             + (
                 "per-image means of each evaluation at its default threshold (eval.threshold)."
                 if self.tests or any(j.images for j in self.jobs)
-                else "final validation metrics, and each run's best validation Dice."
+                else "final validation metrics, each run's best validation Dice, and test metrics"
+                " of its best-validation checkpoint."
             ),
             "",
         ]

@@ -17,15 +17,36 @@ from torch import Tensor
 
 from sa2va.model.mllm import IMAGENET_MEAN, IMAGENET_STD, SEG_TOKEN
 
+INTENSITY_NORMS = ("fixed", "zscore")
+
+
+def zscore_pixels(pixels: Tensor) -> Tensor:
+    """Each image of (..., C, H, W) [0, 1] pixels to zero mean and unit std over its own
+    pixels: OCT brightness varies by device and depth, which a fixed mean/std keeps."""
+    dims = (-3, -2, -1)
+    std = pixels.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    return (pixels - pixels.mean(dim=dims, keepdim=True)) / std
+
 
 class ImageProcessor:
     """One clip -> ``g_pixel_values`` (T, 3, S, S) + ``num_objects`` (masks to predict)."""
 
     def __init__(
-        self, image_size: int, mask_size: int | None = None, norm_dtype: torch.dtype = torch.float32
+        self,
+        image_size: int,
+        mask_size: int | None = None,
+        norm_dtype: torch.dtype = torch.float32,
+        intensity_norm: str = "fixed",
     ) -> None:
         """``norm_dtype``: the dtype the ImageNet mean/std are rounded through (bfloat16
-        reproduces the official Sa2VA HF inference, see :class:`Sa2VAProcessor`)."""
+        reproduces the official Sa2VA HF inference, see :class:`Sa2VAProcessor`).
+        ``intensity_norm``: ``fixed`` (ImageNet mean/std, as official) or ``zscore`` (each
+        image z-scored first, then the fixed normalisation)."""
+        if intensity_norm not in INTENSITY_NORMS:
+            raise ValueError(
+                f"intensity_norm must be one of {INTENSITY_NORMS}, got {intensity_norm!r}"
+            )
+        self.intensity_norm = intensity_norm
         self.image_size = image_size
         self.mask_size = mask_size or image_size
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=norm_dtype).float().view(3, 1, 1)
@@ -38,8 +59,10 @@ class ImageProcessor:
         """
         size = self.image_size
         resized = frame.convert("RGB").resize((size, size), Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
-        return (pixels.permute(2, 0, 1) - self._mean) / self._std
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if self.intensity_norm == "zscore":
+            pixels = zscore_pixels(pixels)
+        return (pixels - self._mean) / self._std
 
     def __call__(
         self,

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from sa2va.model.image_processor import ImageProcessor
+from sa2va.model.image_processor import ImageProcessor, zscore_pixels
 from sa2va.model.mllm import (
     CHAT_TEMPLATES,
     IMG_CONTEXT_TOKEN,
@@ -55,8 +55,12 @@ class Sa2VAProcessor:
         system_prompt: str | None = None,
         template: ChatTemplate = CHAT_TEMPLATES["qwen_chat"],
         sam2_bf16_norm: bool = False,
+        intensity_norm: str = "fixed",
     ) -> None:
-        """``sam2_bf16_norm``: round the SAM2 view's ImageNet mean/std to bfloat16 as the
+        """``intensity_norm``: ``fixed`` (ImageNet mean/std, as official) or ``zscore`` (each
+        image z-scored first, then the fixed normalisation), for both views.
+
+        ``sam2_bf16_norm``: round the SAM2 view's ImageNet mean/std to bfloat16 as the
         official HF inference does (to reproduce its outputs exactly). Off by default: the
         official training, and SAM2 itself, use the exact constants, and this processor
         serves training and inference alike, which must see the same normalisation."""
@@ -69,7 +73,8 @@ class Sa2VAProcessor:
         self.mllm_frames = mllm_frames
         self.system_prompt = system_prompt
         norm_dtype = torch.bfloat16 if sam2_bf16_norm else torch.float32
-        self.sam2_images = ImageProcessor(sam2_image_size, mask_size, norm_dtype)
+        self.sam2_images = ImageProcessor(sam2_image_size, mask_size, norm_dtype, intensity_norm)
+        self.intensity_norm = intensity_norm
 
     def sam2_view(self, frame: Image.Image) -> Tensor:
         """Resize + ImageNet-normalise for SAM2 (its own transforms need torchvision).
@@ -88,11 +93,16 @@ class Sa2VAProcessor:
     def vision_inputs(self, frames: Sequence[Image.Image]) -> dict[str, Tensor]:
         """InternVL tiles: one image is tiled dynamically, each video frame is one tile."""
         tile = len(frames) == 1 and self.image_processor.max_patches > 1
-        return self.image_processor(
+        out = self.image_processor(
             images=[f.convert("RGB") for f in frames],
             crop_to_patches=tile,
             return_tensors="pt",
         )
+        if self.intensity_norm == "zscore":  # undo the fixed normalisation, z-score, redo it
+            mean = torch.tensor(self.image_processor.image_mean).view(3, 1, 1)
+            std = torch.tensor(self.image_processor.image_std).view(3, 1, 1)
+            out["pixel_values"] = (zscore_pixels(out["pixel_values"] * std + mean) - mean) / std
+        return out
 
     def encode(
         self, prompts: Sequence[str], answers: Sequence[str], image_text: str

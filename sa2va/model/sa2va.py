@@ -80,6 +80,7 @@ class Sa2VA(ClipPredictor, nn.Module):
         mllm_frames: int = 5,
         system_prompt: str | None = None,
         sam2_bf16_norm: bool = False,
+        intensity_norm: str = "fixed",
         gradient_checkpointing: bool = False,
         init_from_sa2va: Mapping[str, Any] | None = None,
         lora: Mapping[str, Any] | None = None,
@@ -102,6 +103,7 @@ class Sa2VA(ClipPredictor, nn.Module):
                 "mllm_frames": mllm_frames,
                 "system_prompt": system_prompt,
                 "sam2_bf16_norm": sam2_bf16_norm,
+                "intensity_norm": intensity_norm,
                 "gradient_checkpointing": gradient_checkpointing,
                 "init_from_sa2va": dict(init_from_sa2va) if init_from_sa2va else None,
                 "lora": asdict(lora_spec) if lora_spec else None,
@@ -143,6 +145,7 @@ class Sa2VA(ClipPredictor, nn.Module):
             mllm_frames=mllm_frames,
             system_prompt=system_prompt,
             sam2_bf16_norm=sam2_bf16_norm,
+            intensity_norm=intensity_norm,
         )
         if gradient_checkpointing:
             self.mllm.gradient_checkpointing_enable({"use_reentrant": False})

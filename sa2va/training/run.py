@@ -82,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("resuming from %s", ckpt_path)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         summary["metrics"] = to_float_dict(trainer.callback_metrics)
+        summary["metrics"].update(test_metrics(trainer, module, datamodule))
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and checkpoint.best_model_path:
             summary["best_checkpoint"] = checkpoint.best_model_path
@@ -93,6 +94,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             preempted.unlink(missing_ok=True)
     log.info("metrics: %s", summary["metrics"])
     return summary
+
+
+def test_metrics(
+    trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule
+) -> dict[str, float]:
+    """``test/*``: the test split scored like validation (per-image means and pooled Dice/IoU
+    of `sa2va.evaluation.metrics`, the definitions `sa2va.eval` uses) with the best-val
+    checkpoint's weights (the last weights when no checkpoint was kept).
+
+    Run as a validation pass on the test loader, with the loggers detached so that the val
+    curves stay validation-only.
+    """
+    best = trainer.checkpoint_callback
+    ckpt = best.best_model_path if best is not None and best.best_model_path else None
+    loggers, trainer.loggers = trainer.loggers, []
+    try:
+        (scores,) = trainer.validate(
+            module, dataloaders=datamodule.test_dataloader(), ckpt_path=ckpt, verbose=False
+        )
+    finally:
+        trainer.loggers = loggers
+    return {f"test/{k.removeprefix('val/')}": float(v) for k, v in scores.items()}
 
 
 def _finish_wandb(summary: dict[str, Any]) -> None:

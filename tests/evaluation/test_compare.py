@@ -288,3 +288,15 @@ def test_cli_compares_eval_runs(evaluated, capsys):
     assert float(rows["unet"]["p holm"]) >= float(rows["unet"]["p wilcoxon"])
     assert float(rows["unet"]["delta dice ci_high"]) < 0
     assert "test/dice" in capsys.readouterr().out
+
+
+def test_test_metrics_of_the_best_checkpoint_are_compared(tmp_path: Path):
+    for seed, test_dice in [(0, 0.6), (1, 0.8)]:
+        run = make_job(tmp_path, seed, [f"seed={seed}"], dice=0.7)
+        summary = json.loads((run / "metrics.json").read_text())
+        summary["metrics"] |= {"test/dice": test_dice, "test/recall": 0.9}
+        (run / "metrics.json").write_text(json.dumps(summary))
+    make_job(tmp_path, 2, ["seed=2"], dice=0.7)  # a run from before test metrics existed
+    (group,) = compare_jobs(load_jobs(tmp_path)).groups
+    assert group.stats("test/dice")[0] == pytest.approx(0.7) and group.stats("test/dice")[2] == 2
+    assert group.stats("test/recall")[2] == 2 and group.stats("test/iou")[2] == 0

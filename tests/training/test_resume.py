@@ -54,6 +54,7 @@ def _check_resume(
     [
         pytest.param((), id="plain"),
         pytest.param(RANDOM, id="flip+dropout"),
+        pytest.param((*RANDOM, "augment=strong"), id="augment"),
         pytest.param((*RANDOM, "data.num_workers=2"), id="workers2", marks=pytest.mark.slow),
         pytest.param(
             (*RANDOM, "trainer.accumulate_grad_batches=2"), id="accumulate2", marks=pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -25,6 +26,17 @@ def test_train_writes_metrics_and_checkpoints(compose_cfg):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert Path(written["best_checkpoint"]).is_file()
     assert (run / "csv" / "metrics.csv").is_file()
+
+
+def test_run_reports_test_metrics_beside_val_and_keeps_val_curves_clean(compose_cfg):
+    cfg = compose_cfg(*FAST_TRAIN)
+    metrics = train(cfg)["metrics"]
+    for key in ("test/dice", "test/iou", "test/precision", "test/recall", "test/pooled_dice"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    # the test pass is not logged: the val curve has exactly the two validations
+    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/dice")]
+    assert len(rows) == 2 and "test/dice" not in rows[0]
 
 
 def test_a_failed_run_still_writes_metrics_json(compose_cfg):
