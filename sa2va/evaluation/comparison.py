@@ -67,6 +67,7 @@ class Job:
     error: str | None = None
     order: tuple = ()
     images: dict[ImageKey, float] = field(default_factory=dict)  # per-image PAIRED score
+    evaluation: bool = False  # a sa2va.eval / nnU-Net run (per-image results), not training
 
     def setting(self, key: str) -> str:
         """The job's value for an override key, also when the job left it at its default."""
@@ -184,6 +185,7 @@ def load_job(run_dir: Path) -> Job:
         error=summary.get("error"),
         order=(str(run_dir.parent), int(hydra_cfg.job.get("num") or 0), str(run_dir)),
         images=images,
+        evaluation=bool(summary.get("results")),
     )
 
 
@@ -431,9 +433,9 @@ def compare_jobs(
         column = tuple(g.detail(key) for g in comparison.groups)
         if key not in axes and len(set(column)) > 1 and column not in columns:
             comparison.details.append(key)
-    evaluated = [k for k in metric_order(jobs) if k not in comparison.metrics]
-    if evaluated:
-        comparison.metrics = tuple(evaluated)
+    evaluations = [j for j in jobs if j.evaluation]
+    if evaluations:  # sa2va.eval / nnU-Net runs: their per-image metrics, tested in pairs
+        comparison.metrics = tuple(metric_order(evaluations))
         add_paired_tests(comparison, reference, n_boot, seed, min_units)
     return comparison
 
