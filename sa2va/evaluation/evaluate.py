@@ -25,7 +25,7 @@ from sa2va.evaluation.metrics import (
     temporal_consistency,
     tune_threshold,
 )
-from sa2va.evaluation.report import csv_bytes, log_to_wandb, results_markdown, write_figures
+from sa2va.evaluation.report import log_to_wandb, results_markdown, write_figures, write_tables
 from sa2va.evaluation.statistics import video_cis
 from sa2va.evaluation.video_metrics import add_tci, object_curves
 from sa2va.inference.predict import (
@@ -322,8 +322,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         summary["n_videos"] = summary["results"]["default"]["n_videos"]
         for name in points:
             suffix = "" if name == "default" else f"_{name}"
-            atomic_write_bytes(out_dir / f"per_image{suffix}.csv", csv_bytes(image_rows[name]))
-            atomic_write_bytes(out_dir / f"per_video{suffix}.csv", csv_bytes(video_rows[name]))
+            write_tables(out_dir, image_rows[name], video_rows[name], suffix)
         figures = write_figures(
             out_dir / "figures",
             image_rows["default"],

@@ -25,7 +25,7 @@ from PIL import Image
 from sa2va.data.annotations import FrameRecord
 from sa2va.data.datamodule import OCTDataModule, load_rgb
 from sa2va.evaluation.evaluate import VideoResult, score_video, summarise
-from sa2va.evaluation.report import csv_bytes, results_markdown
+from sa2va.evaluation.report import results_markdown, write_tables
 from sa2va.evaluation.video_metrics import add_tci, object_curves
 from sa2va.overrides import hydra_overrides
 from sa2va.utils import atomic_write_bytes, atomic_write_json, git_sha, run_record
@@ -215,8 +215,7 @@ def run_nnunet(cfg: DictConfig) -> dict[str, Any]:
         result = summarise(image_rows, video_rows, ecfg.threshold, ecfg.n_boot, cfg.seed)
         summary |= {"results": {"default": result}, "missing_masks": 0}
         summary |= {"n_images": result["n_images"], "n_videos": result["n_videos"]}
-        atomic_write_bytes(out_dir / "per_image.csv", csv_bytes(image_rows))
-        atomic_write_bytes(out_dir / "per_video.csv", csv_bytes(video_rows))
+        write_tables(out_dir, image_rows, video_rows)
         summary["status"] = "completed"
         atomic_write_bytes(out_dir / "results.md", results_markdown(summary).encode())
     return summary

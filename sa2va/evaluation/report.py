@@ -18,6 +18,7 @@ from sa2va.data.annotations import FrameRecord
 from sa2va.data.datamodule import load_rgb
 from sa2va.evaluation.statistics import MIN_UNITS
 from sa2va.figures import Case, case_figure, contact_sheet, save_figure
+from sa2va.utils import atomic_write_bytes
 
 METRIC_LABELS = {
     "iou": "IoU",
@@ -43,6 +44,17 @@ def csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue().encode()
+
+
+def write_tables(
+    out_dir: Path,
+    image_rows: Sequence[Mapping[str, Any]],
+    video_rows: Sequence[Mapping[str, Any]],
+    suffix: str = "",
+) -> None:
+    """``per_image<suffix>.csv`` and ``per_video<suffix>.csv``: what compare pairs arms on."""
+    atomic_write_bytes(out_dir / f"per_image{suffix}.csv", csv_bytes(image_rows))
+    atomic_write_bytes(out_dir / f"per_video{suffix}.csv", csv_bytes(video_rows))
 
 
 def format_stat(s: Mapping[str, float], videos: int) -> str:
