@@ -46,3 +46,8 @@ def hydra_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.task)
+
+
+def quoted(value: object) -> str:
+    """``value`` as a quoted override value: a sweep's run dirs hold ``=`` and ``,``."""
+    return "'" + str(value).replace("'", "\\'") + "'"

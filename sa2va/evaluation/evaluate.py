@@ -232,10 +232,21 @@ def summarise(
     return summary
 
 
-# -------------------------------------------------------------------------- output
-
-
 # ------------------------------------------------------------------------ pipeline
+
+
+def eval_data(cfg: DictConfig, trained: Mapping[str, Any] | None) -> OCTDataModule:
+    """The data module of ``cfg.data``, or (``eval.data_from_checkpoint``) the one the
+    checkpoint was trained with, rebuilt from the settings it recorded."""
+    if not cfg.eval.data_from_checkpoint:
+        return instantiate(cfg.data)
+    if trained is None:
+        raise ValueError(
+            f"{cfg.ckpt_path}: holds no data settings (an export or a release, not a Lightning "
+            "checkpoint), so eval.data_from_checkpoint=true cannot rebuild its data: pass the "
+            "data settings instead (e.g. data=oct data.root=...)"
+        )
+    return OCTDataModule(**trained)
 
 
 def record_eval(ckpt_path: str | Path, out_dir: Path) -> None:
@@ -270,7 +281,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         model, meta = load_model(cfg.ckpt_path, resolve_device(ecfg.device))
         summary["model_class"] = meta.get("model_class")
         summary["oracle_prompt"] = model.oracle_prompt  # prompted from the ground truth
-        dm = instantiate(cfg.data)
+        dm = eval_data(cfg, meta.get("datamodule"))
         dm.processor = model.processor
         summary["data_check"] = check_data(
             str(cfg.ckpt_path), meta.get("datamodule"), dm.hparams, ecfg.check_data

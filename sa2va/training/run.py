@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from sa2va.overrides import hydra_overrides
+from sa2va.overrides import hydra_overrides, quoted
 from sa2va.training.checkpointing import Preempted, preempted_checkpoint
 from sa2va.training.config import validate_config
 from sa2va.training.loggers import ablation_keys, log_run_config
@@ -89,6 +92,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary["best_score"] = float(checkpoint.best_model_score)
         summary["skipped_steps"] = module.skipped_steps
         summary["global_step"] = trainer.global_step
+        if cfg.eval_after_fit is not None and write:
+            summary["evaluation"] = str(output_dir / "eval")
+            evaluate_checkpoint(
+                summary.get("best_checkpoint"), output_dir / "eval", cfg.eval_after_fit
+            )
         summary["status"] = "completed"
         if preempted is not None:  # done: a later start in this run dir must not go back
             preempted.unlink(missing_ok=True)
@@ -116,6 +124,36 @@ def test_metrics(
     finally:
         trainer.loggers = loggers
     return {f"test/{k.removeprefix('val/')}": float(v) for k, v in scores.items()}
+
+
+def evaluate_checkpoint(checkpoint: str | None, out_dir: Path, overrides: Sequence[str]) -> None:
+    """``sa2va.eval`` on the best-val checkpoint into ``out_dir`` (``eval_after_fit``).
+
+    Its own process and run dir, as if typed after the run: ``sa2va.compare --task eval``
+    reads it like any evaluation and pairs the arms of a sweep on the same test images. The
+    data settings are the checkpoint's, whatever overrides the sweep's jobs were given.
+    """
+    if checkpoint is None:
+        raise RuntimeError(
+            "eval_after_fit: the run kept no best checkpoint to evaluate "
+            "(callbacks.model_checkpoint monitors val/dice)"
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "sa2va.eval",
+        f"ckpt_path={quoted(checkpoint)}",
+        f"hydra.run.dir={quoted(out_dir)}",
+        "eval.data_from_checkpoint=true",
+        *overrides,
+    ]
+    log.info("evaluating %s into %s", checkpoint, out_dir)
+    code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        raise RuntimeError(
+            f"{out_dir}: sa2va.eval on {checkpoint} exited with {code} (its metrics.json and "
+            "log say why); the checkpoint is kept"
+        )
 
 
 def _finish_wandb(summary: dict[str, Any]) -> None:

@@ -130,6 +130,20 @@ def test_refuses_data_split_differently_from_training(trained, compose_cfg):  # 
     assert written["status"] == "failed" and "eval.check_data=false" in written["error"]
 
 
+def test_data_from_checkpoint_rebuilds_the_training_data(trained, compose_cfg):  # noqa: F811
+    # the config's data settings would split differently; the checkpoint's win
+    cfg = eval_cfg(compose_cfg, trained.ckpt, "data.split_seed=1", "eval.data_from_checkpoint=true")
+    _, meta = ev.load_model(cfg.ckpt_path, "cpu")
+    dm = ev.eval_data(cfg, meta["datamodule"])
+    assert ev.data_differences(meta["datamodule"], dm.hparams) == {}
+    assert (
+        dm.videos("test").keys()
+        == instantiate(eval_cfg(compose_cfg, trained.ckpt).data).videos("test").keys()
+    )
+    with pytest.raises(ValueError, match="holds no data settings .* pass the data settings"):
+        ev.eval_data(cfg, None)  # an export: no data settings recorded
+
+
 def test_data_differences_ignore_spelling_but_not_content(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     trained_data = {

@@ -220,3 +220,30 @@ def test_two_by_two_sweep_with_wandb_then_compare(tmp_path, cache_dir):
     comparison = check_table(sweep, ["loss"], {(loss,): 2 for loss in losses})
     assert all(job.curves.get("val/dice") for job in comparison.jobs)
     assert all(job.curves.get("train/loss") for job in comparison.jobs)
+
+
+def test_baselines_sweep_evaluates_each_job_and_compare_pairs_the_rows(tmp_path, cache_dir):
+    """The one-command table: each job scores its best checkpoint with sa2va.eval on the test
+    split of its own data, and compare tests the rows against Sa2VA on the same images."""
+    sweep = run_sweep(
+        tmp_path,
+        cache_dir,
+        "experiment=baselines",
+        "model=sa2va_tiny,unet",
+        "seed=0",
+        "eval_after_fit=['eval.n_boot=20','eval.num_figures=0']",
+    )
+    for job in sorted(sweep.glob("*_model=*")):
+        summary = json.loads((job / "metrics.json").read_text())
+        assert summary["status"] == "completed" and summary["evaluation"] == str(job / "eval")
+        evaluation = json.loads((job / "eval" / "metrics.json").read_text())
+        assert evaluation["status"] == "completed" and evaluation["split"] == "test"
+        assert evaluation["checkpoint"] == summary["best_checkpoint"]
+        assert evaluation["data_check"]["differences"] == {}  # the job's own (tiny) data
+    comparison = compare_jobs(load_jobs(sweep, "eval"), str(sweep), n_boot=50)
+    assert comparison.axes == ["model"] and comparison.label(comparison.reference) == (
+        "model=sa2va_tiny"
+    )
+    (test,) = comparison.tests.values()
+    assert test.pairs == 3  # the one test video's 3 frames, paired
+    assert "vs model=sa2va_tiny: Δ Dice" in comparison.markdown()
