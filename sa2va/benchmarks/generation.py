@@ -112,13 +112,12 @@ def _depth_rows(bench: Bench, layers: int) -> list[Row]:
             return fast()
 
     n = len(frames)
+    variants = {"generate": generate, "fast": fast}
+    if opts.before:
+        variants["before"] = before
     with torch.no_grad():
         medians, outputs = interleave(
-            {
-                "generate": per_item(bench.clock, generate, n),
-                "fast": per_item(bench.clock, fast, n),
-                "before": per_item(bench.clock, before, n),
-            },
+            {name: per_item(bench.clock, call, n) for name, call in variants.items()},
             bench.repeats,
             bench.warmup,
         )
@@ -132,7 +131,7 @@ def _depth_rows(bench: Bench, layers: int) -> list[Row]:
         f"{model.mllm.get_input_embeddings().weight.shape[0]:,}), random weights; "
         f"{tokens} tokens per frame ({n} frame(s) per round)"
     )
-    return [
+    rows = [
         Row(
             "generation",
             f"generate / fast at {layers} LLM layers, s per frame",
@@ -143,14 +142,18 @@ def _depth_rows(bench: Bench, layers: int) -> list[Row]:
             identical=texts == [fast_answer] and max_diff(generated, outputs["fast"]) <= atol,
             note=f"{shape}; answer forced by a logits processor: {texts}; masks within "
             f"{atol} of fast's (max |diff| {max_diff(generated, outputs['fast']):.1e})",
-        ),
-        Row(
-            "generation",
-            f"fast / fast with vocabulary logits (before) at {layers} LLM layers, s per frame",
-            medians["fast"],
-            medians["before"],
-            "s/frame",
-            identical=max_diff(outputs["fast"], outputs["before"]) <= atol,
-            note="before: the output layer scored every position and nothing read it",
-        ),
+        )
     ]
+    if opts.before:
+        rows.append(
+            Row(
+                "generation",
+                f"fast / fast with vocabulary logits (before) at {layers} LLM layers, s per frame",
+                medians["fast"],
+                medians["before"],
+                "s/frame",
+                identical=max_diff(outputs["fast"], outputs["before"]) <= atol,
+                note="before: the output layer scored every position and nothing read it",
+            )
+        )
+    return rows
