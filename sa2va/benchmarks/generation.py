@@ -6,17 +6,23 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from sa2va.benchmarks.harness import Bench, Results, Row, interleave, max_diff, per_item
+from sa2va.benchmarks.harness import (
+    Bench,
+    Results,
+    Row,
+    compose_config,
+    interleave,
+    max_diff,
+    per_item,
+)
 from sa2va.data.datamodule import load_rgb
 from sa2va.model.sa2va import Sa2VA
-from sa2va.utils import CONF_DIR
 
 
 class ForcedAnswer(LogitsProcessor):
@@ -47,11 +53,12 @@ def llm_shape_model(bench: Bench, layers: int) -> DictConfig:
     ``layers`` layers, and a tiny vision tower that still gives the real token count per
     frame (``bench.generation.vision_config``: 448 px, patch 14 -> 256 tokens)."""
     opts = bench.opts.generation
-    shape = OmegaConf.load(Path(CONF_DIR) / "model" / f"{opts.shape}.yaml")
+    # composed, not read as a file: the preset's text config extends its base's (vocabulary)
+    shape = compose_config("train", [f"model={opts.shape}"]).model
     model = copy.deepcopy(bench.cfg.model)
     with open_dict(model):
         model.name = f"{opts.shape}_llm_{layers}_layers"
-        model.mllm.config.text_config = shape.model.mllm.config.text_config
+        model.mllm.config.text_config = shape.mllm.config.text_config
         model.mllm.config.text_config.num_hidden_layers = layers
         model.mllm.config.vision_config.update(opts.vision_config)
     return model

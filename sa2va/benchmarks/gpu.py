@@ -17,14 +17,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 from torch.utils.flop_counter import FlopCounterMode
 
-from sa2va.benchmarks.harness import Bench, Measure, Results, Row, StepRecorder, repeated_loader
+from sa2va.benchmarks.harness import (
+    Bench,
+    Measure,
+    Results,
+    Row,
+    StepRecorder,
+    compose_config,
+    repeated_loader,
+)
 from sa2va.planning.report import plan
-from sa2va.utils import CONF_DIR, atomic_write_json
+from sa2va.utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +52,6 @@ class TrainCase:
     def label(self) -> str:
         ckpt = "on" if self.checkpointing else "off"
         return f"{self.strategy}, micro-batch {self.micro_batch}, checkpointing {ckpt}"
-
-
-def compose_config(name: str, overrides: list[str]) -> DictConfig:
-    """``conf/<name>.yaml`` with ``overrides``, inside a running Hydra app or outside one."""
-    if GlobalHydra.instance().is_initialized():
-        return compose(name, overrides=overrides)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(name, overrides=overrides)
 
 
 def train_cases(cfg: DictConfig) -> list[TrainCase]:

@@ -14,6 +14,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import get_class
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -22,6 +24,16 @@ from torch.utils.data import DataLoader
 from sa2va.model.sa2va import batch_to_device
 from sa2va.training.module import Sa2VAModule
 from sa2va.training.run import build, build_trainer
+from sa2va.utils import CONF_DIR
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """``conf/<name>.yaml`` with ``overrides``, inside a running Hydra app or outside one."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(name, overrides=overrides)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
 
 # --------------------------------------------------------------------- results
 

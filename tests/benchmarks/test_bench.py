@@ -191,3 +191,19 @@ def test_a_real_shape_without_files_gets_its_vocabulary_and_keeps_what_trains(co
     assert mllm.get_input_embeddings().weight.shape[0] == mllm.lm_head.weight.shape[0] == 1500
     assert not mllm.get_input_embeddings().weight.requires_grad
     assert not mllm.lm_head.weight.requires_grad
+
+
+def test_the_llm_shape_is_the_composed_preset_with_its_real_vocabulary():
+    """The bench's LLM-dominated model has the preset's full text config, base file included
+    (a raw read of conf/model/sa2va_1b.yaml would miss the 151,679-token vocabulary)."""
+    import types
+
+    from sa2va.benchmarks.generation import llm_shape_model
+    from sa2va.benchmarks.harness import compose_config
+    from sa2va.training.config import register_schemas
+
+    register_schemas()
+    cfg = compose_config("bench", ["bench=quick"])
+    model = llm_shape_model(types.SimpleNamespace(opts=cfg.bench, cfg=cfg), 24)
+    text = model.mllm.config.text_config
+    assert (text.vocab_size, text.hidden_size, text.num_hidden_layers) == (151679, 896, 24)
