@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +232,27 @@ def summarise(
     return summary
 
 
+@dataclass
+class Scores:
+    """The rows of every video scored at one threshold, and their summary: one loop for
+    ``sa2va.eval`` (a default and a tuned threshold) and the nnU-Net row."""
+
+    threshold: float
+    image_rows: list[dict[str, Any]] = field(default_factory=list)
+    video_rows: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[Any] = field(default_factory=list)  # shape attributes per video row (TCI)
+
+    def add(self, video: VideoResult, ecfg: DictConfig) -> None:
+        rows, vrows = score_video(video, self.threshold, ecfg.tolerance, ecfg.fluctuation_limit)
+        self.image_rows.extend(rows)
+        self.video_rows.extend(vrows)
+        self.curves.extend(object_curves(video.probs, video.gts, self.threshold))
+
+    def summary(self, n_boot: int, seed: int) -> dict[str, Any]:
+        add_tci(self.video_rows, self.curves)
+        return summarise(self.image_rows, self.video_rows, self.threshold, n_boot, seed)
+
+
 # ------------------------------------------------------------------------ pipeline
 
 
@@ -307,36 +328,28 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             points["tuned"] = float(tuning["threshold"])
             summary["threshold_tuning"] = {k: v for k, v in tuning.items() if k != "table"}
 
-        image_rows = {name: [] for name in points}
-        video_rows = {name: [] for name in points}
-        curves = {name: [] for name in points}  # shape attributes per video row, for TCI
+        scores = {name: Scores(threshold) for name, threshold in points.items()}
         kept_probs: dict[tuple[str, int, str], np.ndarray] = {}  # for the figures
         missing = 0
         for video in predict_videos(model, dm, ecfg.split, ecfg):
             missing += video.missing
-            for name, threshold in points.items():
-                rows, vrows = score_video(video, threshold, ecfg.tolerance, ecfg.fluctuation_limit)
-                image_rows[name].extend(rows)
-                video_rows[name].extend(vrows)
-                curves[name].extend(object_curves(video.probs, video.gts, threshold))
+            for score in scores.values():
+                score.add(video, ecfg)
             for record, probs in zip(video.records, video.probs, strict=True):
                 for name, prob in zip(video.objects, probs, strict=True):
                     kept_probs[(video.video_id, record.frame_index, name)] = prob.astype(np.float16)
         summary["missing_masks"] = missing
-        for name in points:
-            add_tci(video_rows[name], curves[name])
         summary["results"] = {
-            name: summarise(image_rows[name], video_rows[name], points[name], ecfg.n_boot, cfg.seed)
-            for name in points
+            name: score.summary(ecfg.n_boot, cfg.seed) for name, score in scores.items()
         }
         summary["n_images"] = summary["results"]["default"]["n_images"]
         summary["n_videos"] = summary["results"]["default"]["n_videos"]
-        for name in points:
+        for name, score in scores.items():
             suffix = "" if name == "default" else f"_{name}"
-            write_tables(out_dir, image_rows[name], video_rows[name], suffix)
+            write_tables(out_dir, score.image_rows, score.video_rows, suffix)
         figures = write_figures(
             out_dir / "figures",
-            image_rows["default"],
+            scores["default"].image_rows,
             kept_probs,
             dm.videos(ecfg.split),
             ecfg.num_figures,

@@ -24,9 +24,8 @@ from PIL import Image
 
 from sa2va.data.annotations import FrameRecord
 from sa2va.data.datamodule import OCTDataModule, load_rgb
-from sa2va.evaluation.evaluate import VideoResult, score_video, summarise
+from sa2va.evaluation.evaluate import Scores, VideoResult
 from sa2va.evaluation.report import results_markdown, write_tables
-from sa2va.evaluation.video_metrics import add_tci, object_curves
 from sa2va.overrides import hydra_overrides
 from sa2va.utils import atomic_write_bytes, atomic_write_json, git_sha, run_record
 
@@ -205,17 +204,13 @@ def run_nnunet(cfg: DictConfig) -> dict[str, Any]:
         device = resolve_device(ncfg.device)
         model_dir = plan_and_train(ncfg.dataset_id, ncfg, device)
         summary["checkpoint"] = str(model_dir / "fold_0" / "checkpoint_final.pth")
-        image_rows, video_rows, curves = [], [], []
+        scores = Scores(float(ecfg.threshold))  # as sa2va.eval scores (TCI included)
         for video in predict_test(model_dir, dm, raw_dir, ecfg.split, device):
-            rows, vrows = score_video(video, ecfg.threshold, ecfg.tolerance, ecfg.fluctuation_limit)
-            image_rows.extend(rows)
-            video_rows.extend(vrows)
-            curves.extend(object_curves(video.probs, video.gts, ecfg.threshold))
-        add_tci(video_rows, curves)  # TCI as sa2va.eval computes it
-        result = summarise(image_rows, video_rows, ecfg.threshold, ecfg.n_boot, cfg.seed)
+            scores.add(video, ecfg)
+        result = scores.summary(ecfg.n_boot, cfg.seed)
         summary |= {"results": {"default": result}, "missing_masks": 0}
         summary |= {"n_images": result["n_images"], "n_videos": result["n_videos"]}
-        write_tables(out_dir, image_rows, video_rows)
+        write_tables(out_dir, scores.image_rows, scores.video_rows)
         summary["status"] = "completed"
         atomic_write_bytes(out_dir / "results.md", results_markdown(summary).encode())
     return summary
