@@ -43,3 +43,17 @@ def test_fixed_is_the_default_and_unknown_options_are_refused() -> None:
     assert torch.equal(default.sam2_view(base), processor("fixed").sam2_view(base))
     with pytest.raises(ValueError, match="intensity_norm"):
         processor("minmax")
+
+
+def test_the_model_config_sets_both_normalisation_options(compose_cfg):
+    """``model.intensity_norm`` and ``model.sam2_bf16_norm`` are keys of every Sa2VA preset
+    (declared in conf/model/base/sa2va.yaml), and reach the processor the model builds."""
+    from hydra.utils import instantiate
+
+    default = compose_cfg().model
+    assert (default.intensity_norm, default.sam2_bf16_norm) == ("fixed", False)
+    model = instantiate(
+        compose_cfg("model.intensity_norm=zscore", "model.sam2_bf16_norm=true").model
+    )
+    assert model.processor.intensity_norm == "zscore"
+    assert model.config["sam2_bf16_norm"] is True
