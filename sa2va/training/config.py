@@ -240,6 +240,13 @@ def validate_config(cfg: DictConfig) -> None:
         problems += _trainer_problems(cfg.trainer)
     if cfg.get("data") is not None:
         problems += _template_problems(cfg.data)
+    if cfg.get("eval_after_fit") is not None and not (cfg.get("callbacks") or {}).get(
+        "model_checkpoint"
+    ):
+        problems.append(
+            "eval_after_fit: evaluates the best-val checkpoint, but callbacks.model_checkpoint "
+            "is off"
+        )
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not _is_checkpoint_source(str(ckpt_path)):
         problems.append(f"ckpt_path={ckpt_path}: no such checkpoint file or folder")

@@ -156,6 +156,10 @@ NEEDS_CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a 
             "val_check_interval=20 > trainer.max_steps=10",
         ),
         (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt: no such"),
+        (
+            ["eval_after_fit=[]", "callbacks.model_checkpoint=null"],
+            "eval_after_fit: evaluates the best-val checkpoint",
+        ),
         (["data.prompt_template='<image> Segment the {name'"], "expected '}' before end of string"),
         (["+loss.w_mak=1"], "loss.w_mak: not a key of LossSchema"),  # `+` may extend a schema
     ],
