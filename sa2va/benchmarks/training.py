@@ -105,7 +105,9 @@ def bench_feature_cache(bench: Bench) -> Results:
         module_cfg = {**OmegaConf.to_container(bench.cfg.module), "feature_cache": False}
         if cache:
             module_cfg["feature_cache"] = {"max_gb": float(opts.max_gb)}
-        cfg = bench.config(freeze=opts.freeze, module=module_cfg)
+        # the cache serves unaugmented frames only: the default run augments its clips
+        data_cfg = {**OmegaConf.to_container(bench.cfg.data), "augment": None}
+        cfg = bench.config(freeze=opts.freeze, module=module_cfg, data=data_cfg)
 
         def fit() -> EpochRun:
             module, datamodule = bench.build(cfg)
