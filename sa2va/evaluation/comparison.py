@@ -47,6 +47,9 @@ TEST_METRICS = ("test/dice", "test/iou", "test/precision", "test/recall")
 BEST = "val/dice (best)"  # ModelCheckpoint's best score (max val/dice over validations)
 CURVES = ("val/dice", "train/loss")
 STATUSES = ("completed", "failed", "missing")
+# an evaluation's own overrides that say which checkpoint and data, not how it is evaluated
+# (the bootstrap seed; data_from_checkpoint gives the data check_data would demand anyway)
+NOT_ARM_KEYS = ("ckpt_path", "seed", "eval.data_from_checkpoint")
 
 
 # ----------------------------------------------------------------------------------- jobs
@@ -135,8 +138,8 @@ def load_job(run_dir: Path) -> Job:
     """One run dir: ``.hydra/{config,hydra,overrides}.yaml``, and ``metrics.json`` once it ended.
 
     An evaluation run whose checkpoint's training run is at hand takes that run's arm
-    (overrides, choices, config) plus its own overrides other than ``ckpt_path`` and
-    ``seed`` (the bootstrap seed), so the evaluations of one sweep group like its jobs.
+    (overrides, choices, config) plus its own overrides other than ``NOT_ARM_KEYS``, so the
+    evaluations of one sweep group like its jobs.
     An evaluation's ``model`` always counts as an override (an arm key).
     """
     hydra_dir = run_dir / ".hydra"
@@ -165,7 +168,7 @@ def load_job(run_dir: Path) -> Job:
         trained = training_run(summary.get("checkpoint"))
         if trained is not None:
             arm = load_job(trained)
-            own = {k: v for k, v in overrides.items() if k not in ("ckpt_path", "seed")}
+            own = {k: v for k, v in overrides.items() if k not in NOT_ARM_KEYS}
             overrides, choices, config = arm.overrides | own, arm.choices | choices, arm.config
         # every evaluation names its model (a config choice, or the name nnunet.yaml gives),
         # so rows differ by model even where no sweep varied it
@@ -244,9 +247,11 @@ class Group:
         return {k: float(np.mean([j.images[k] for j in jobs])) for k in jobs[0].images}
 
     def detail(self, key: str) -> str:
-        """An ablation key's value shared by the group's jobs that record it ("mixed" when they
-        differ, "-" when none does, e.g. no LoRA, or no metrics.json yet)."""
-        values = {str(j.ablation[key]) for j in self.jobs if key in j.ablation}
+        """An ablation key's (or else a setting's) value shared by the group's jobs that record
+        it ("mixed" when they differ, "-" when none does, e.g. no LoRA, no metrics.json yet)."""
+        values = {
+            str(j.ablation[key]) if key in j.ablation else j.setting(key) for j in self.jobs
+        } - {"-"}
         return (values.pop() if len(values) == 1 else "mixed") if values else "-"
 
 
@@ -421,11 +426,15 @@ def compare_jobs(
     settings = [{k: j.setting(k) for k in keys} for j in jobs]
     axes = [k for k in keys if len({s[k] for s in settings}) > 1]
     fixed = {k: settings[0][k] for k in keys if k not in axes}
+    # keys that only vary with the model (the nnU-Net row's schedule, a sweep's experiment
+    # against a separate run) describe rows: columns, not arms
+    by_model = [k for k in axes if k != "model" and "model" in axes and model_bound(k, settings)]
+    axes = [k for k in axes if k not in by_model]
     groups: dict[tuple[str, ...], Group] = {}
     for job, setting in zip(jobs, settings, strict=True):
         values = tuple(setting[a] for a in axes)
         groups.setdefault(values, Group(values, [])).jobs.append(job)
-    comparison = Comparison(source, axes, fixed, [], list(groups.values()))
+    comparison = Comparison(source, axes, fixed, by_model, list(groups.values()))
     # flat ablation keys that tell the groups apart beyond the axes (e.g. the loss weights
     # behind loss=bce_lang), unless they only repeat an axis (loss.name)
     columns = [tuple(g.values[i] for g in comparison.groups) for i in range(len(axes))]
@@ -438,6 +447,14 @@ def compare_jobs(
         comparison.metrics = tuple(metric_order(evaluations))
         add_paired_tests(comparison, reference, n_boot, seed, min_units)
     return comparison
+
+
+def model_bound(key: str, settings: Sequence[Mapping[str, str]]) -> bool:
+    """Whether ``key`` has one value per model among the jobs' settings."""
+    values: dict[str, set[str]] = {}
+    for setting in settings:
+        values.setdefault(setting["model"], set()).add(setting[key])
+    return all(len(v) == 1 for v in values.values())
 
 
 def metric_order(jobs: Sequence[Job]) -> list[str]:

@@ -235,6 +235,23 @@ def test_eval_runs_take_their_arm_from_the_training_run(evaluated):
     }
 
 
+def test_keys_that_vary_only_with_the_model_are_row_columns_not_arms(evaluated):
+    """A row's own settings (here transunet's step count, as nnU-Net's schedule) and the
+    evaluation's data source leave the arms and their labels to the model."""
+    root, _ = evaluated
+    overrides = ["model=transunet", "seed=0", "trainer.max_steps=9"]
+    run = make_job(root / "sweep", 9, overrides, choices={"model": "transunet"})
+    evaluation = make_eval(root / "evals", run, np.full(VIDEOS * FRAMES, 0.5))
+    lines = [f"ckpt_path='{run}/checkpoints/last.ckpt'", "eval.data_from_checkpoint=true"]
+    OmegaConf.save(OmegaConf.create(lines), evaluation / ".hydra" / "overrides.yaml")
+    comparison = compare_jobs(load_jobs(root / "evals", "eval"))
+    assert comparison.axes == ["model"] and comparison.details == ["trainer.max_steps"]
+    rows = {row["model"]: row for row in comparison.rows()}
+    # the others' value comes from their configs (make_job's 4 steps)
+    assert (rows["transunet"]["trainer.max_steps"], rows["unet"]["trainer.max_steps"]) == ("9", "4")
+    assert "vs model=sa2va_tiny: Δ Dice" in comparison.markdown()
+
+
 def test_paired_tests_against_the_sa2va_arm_match_scipy(evaluated):
     root, scores = evaluated
     comparison = compare_jobs(load_jobs(root / "evals", "eval"), n_boot=500)
