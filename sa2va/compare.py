@@ -24,8 +24,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from sa2va.evaluation.comparison import compare_jobs, load_jobs
+from sa2va.evaluation.comparison import compare_jobs
 from sa2va.evaluation.comparison_report import write_report
+from sa2va.evaluation.runs import load_jobs
 from sa2va.evaluation.statistics import MIN_UNITS
 from sa2va.evaluation.wandb_jobs import load_wandb_jobs
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from sa2va.evaluation.comparison import CURVES, PAIRED, Comparison
+from sa2va.evaluation.comparison import Comparison
+from sa2va.evaluation.runs import CURVES, PAIRED
 from sa2va.utils import atomic_write_bytes
 
 

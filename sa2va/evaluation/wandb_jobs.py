@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from sa2va.evaluation.comparison import BEST, CLIP_METRICS, CURVES, METRICS, Job
+from sa2va.evaluation.runs import BEST, CLIP_METRICS, CURVES, METRICS, Job
 from sa2va.overrides import parse_overrides
 
 # W&B run states -> job status; a run without our own "status" summary falls back to these.

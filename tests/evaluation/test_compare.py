@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from sa2va.compare import main
-from sa2va.evaluation.comparison import BEST, compare_jobs, load_jobs
+from sa2va.evaluation.comparison import compare_jobs
+from sa2va.evaluation.runs import BEST, load_jobs
 from sa2va.overrides import override_label, parse_overrides, swept_keys
 
 WEIGHTS = {"bce_dice": (1.0, 1.0, 0.0), "bce_dice_lang": (1.0, 1.0, 0.5)}

@@ -14,8 +14,9 @@ from helpers.configs import FAST_DATA
 from hydra.utils import instantiate
 from PIL import Image
 
-from sa2va.evaluation.comparison import compare_jobs, load_jobs
+from sa2va.evaluation.comparison import compare_jobs
 from sa2va.evaluation.nnunet import case_id, dataset_name, export_raw, write_splits
+from sa2va.evaluation.runs import load_jobs
 from sa2va.utils import REPO_ROOT
 
 

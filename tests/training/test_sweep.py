@@ -19,7 +19,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from sa2va.evaluation.comparison import METRICS, Comparison, compare_jobs, load_jobs
+from sa2va.evaluation.comparison import Comparison, compare_jobs
+from sa2va.evaluation.runs import METRICS, load_jobs
 from sa2va.utils import REPO_ROOT, safe_dirname
 
 
